@@ -1,0 +1,1 @@
+"""jax_uncond: unconditional diffusion training in JAX/Flax, exported to diffusers."""

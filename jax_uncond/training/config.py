@@ -1,0 +1,249 @@
+"""Every command-line flag of `train_flax.py`: its name, default and help, in one table.
+
+The names, defaults and meanings of diffusers' `train_unconditional.py` are kept unchanged; the
+flags that script lacks come after it in each group. A YAML preset (`--config FILE`) sets
+defaults, and explicit flags override it. The result is one frozen `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+SECRET_KEYS = frozenset({"hub_token"})
+"""Config keys that never reach logs, saved configs, checkpoints or uploads."""
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag; `group` only orders `--help`."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[Any] | None = None
+    store_true: bool = False
+    group: str = "misc"
+    pytorch: bool = True  # False: a flag diffusers' train_unconditional.py does not have
+
+
+def _flags() -> list[Flag]:
+    F = Flag
+    return [
+        # --- data (diffusers' flags first)
+        F("dataset_name", None, "A Hugging Face dataset: a Hub id or a local path saved by `datasets`; or "
+          "`tfds:NAME[/CONFIG][:SPLIT]` for TensorFlow Datasets. With neither this nor --train_data_dir, the "
+          "built-in dataset is used.", str, group="data"),
+        F("dataset_config_name", None, "The config of the dataset; leave unset if there is only one.", str, group="data"),
+        F("train_data_dir", None, "A folder of images (nested folders included), read as `datasets`' imagefolder.",
+          str, group="data"),
+        F("cache_dir", None, "Where downloaded datasets and models are stored.", str, group="data"),
+        F("resolution", 64, "Images are resized (shorter side, bilinear) and cropped to this size.", int, group="data"),
+        F("center_crop", False, "Center-crop to --resolution; otherwise crop at a random position.",
+          store_true=True, group="data"),
+        F("random_flip", False, "Flip images horizontally at random.", store_true=True, group="data"),
+        F("dataloader_num_workers", 0, "Worker processes that decode and augment; 0 decodes in the main process.",
+          int, group="data"),
+        F("preserve_input_precision", False, "Keep 16-bit sources at full precision (no 8-bit RGB conversion); "
+          "1/2/4-channel images are mapped to 3 channels.", store_true=True, group="data"),
+        F("image_column", None, "The dataset column holding the images (default: the first Image feature, else "
+          "`image` or `img`).", str, group="data", pytorch=False),
+        F("tfds_data_dir", None, "TensorFlow Datasets' data_dir for `--dataset_name tfds:...`.", str, group="data",
+          pytorch=False),
+        # --- model
+        F("model_config_name_or_path", None, "A UNet2DModel config: a folder or Hub id with config.json, or a "
+          "config.json file. Default: the 6-level 64x64 UNet of diffusers' example.", str, group="model"),
+        F("gradient_checkpointing", False, "Rematerialise each UNet block in the backward pass: less memory, "
+          "about a third more compute.", store_true=True, group="model", pytorch=False),
+        F("enable_xformers_memory_efficient_attention", False, "Accepted for compatibility: attention always uses "
+          "the fastest implementation available (cuDNN flash attention on GPUs).", store_true=True, group="model"),
+        # --- training
+        F("output_dir", "ddpm-model-64", "Where the DDPMPipeline folder, checkpoints, logs and samples are written.",
+          str, group="training"),
+        F("overwrite_output_dir", False, "Accepted for compatibility; an existing output folder is reused (and "
+          "resumed from with --resume_from_checkpoint).", store_true=True, group="training"),
+        F("train_batch_size", 16, "Batch size per device (as in the PyTorch script).", int, group="training"),
+        F("eval_batch_size", 16, "How many images each sample grid holds.", int, group="training"),
+        F("num_epochs", 100, "Passes over the training data.", int, group="training"),
+        F("save_images_epochs", 10, "Save a sample grid every this many epochs (and after the last).", int,
+          group="training"),
+        F("save_model_epochs", 10, "Write the DDPMPipeline folder every this many epochs (and after the last).",
+          int, group="training"),
+        F("gradient_accumulation_steps", 1, "Micro-batches accumulated per optimizer step; the update equals one "
+          "step on the combined batch, and the LR schedule counts optimizer steps.", int, group="training"),
+        F("prediction_type", "epsilon", "What the UNet predicts.", str, ("epsilon", "sample", "v_prediction"),
+          group="training"),
+        F("ddpm_num_steps", 1000, "Training timesteps of the DDPM noise schedule.", int, group="training"),
+        F("ddpm_num_inference_steps", 1000, "Denoising steps for the sample grids.", int, group="training"),
+        F("ddpm_beta_schedule", "linear", "The beta schedule of the noise scheduler.", str, BETA_SCHEDULES,
+          group="training"),
+        F("mixed_precision", "no", "bf16 computes in bfloat16 with float32 parameters; fp16 adds dynamic loss "
+          "scaling.", str, ("no", "fp16", "bf16"), group="training"),
+        F("local_rank", -1, "Accepted for compatibility with launchers; has no effect (JAX finds its processes).",
+          int, group="training"),
+        F("seed", 0, "Seeds initialisation, data order, augmentation, noise and timesteps.", int, group="training",
+          pytorch=False),
+        F("max_train_steps", None, "Stop after this many optimizer steps (overrides --num_epochs).", int,
+          group="training", pytorch=False),
+        F("global_batch_size", None, "Batch size over all devices of all hosts (instead of --train_batch_size "
+          "per device).", int, group="training", pytorch=False),
+        F("snr_gamma", None, "Min-SNR-gamma loss weighting (5.0 is the paper's recommendation); off by default.",
+          float, group="training", pytorch=False),
+        F("config", None, "A YAML preset (see configs/); explicit flags override its values.", str,
+          group="training", pytorch=False),
+        # --- optimizer
+        F("learning_rate", 1e-4, "Learning rate after warm-up.", float, group="optimizer"),
+        F("lr_scheduler", "cosine", "The learning-rate schedule (diffusers' names).", str, LR_SCHEDULERS,
+          group="optimizer"),
+        F("lr_warmup_steps", 500, "Optimizer steps of linear warm-up.", int, group="optimizer"),
+        F("adam_beta1", 0.95, "AdamW beta1.", float, group="optimizer"),
+        F("adam_beta2", 0.999, "AdamW beta2.", float, group="optimizer"),
+        F("adam_weight_decay", 1e-6, "AdamW weight decay.", float, group="optimizer"),
+        F("adam_epsilon", 1e-08, "AdamW epsilon.", float, group="optimizer"),
+        # --- ema
+        F("use_ema", False, "Keep an exponential moving average of the weights; it is what gets exported.",
+          store_true=True, group="ema"),
+        F("ema_inv_gamma", 1.0, "EMA warm-up inverse gamma.", float, group="ema"),
+        F("ema_power", 3 / 4, "EMA warm-up power.", float, group="ema"),
+        F("ema_max_decay", 0.9999, "Largest EMA decay.", float, group="ema"),
+        # --- checkpointing
+        F("checkpointing_steps", 500, "Save an Orbax checkpoint every this many optimizer steps.", int,
+          group="checkpointing"),
+        F("checkpoints_total_limit", None, "Keep at most this many checkpoints.", int, group="checkpointing"),
+        F("resume_from_checkpoint", None, "`latest`, or the path of a checkpoint saved by --checkpointing_steps.",
+          str, group="checkpointing"),
+        # --- logging and the Hub
+        F("logger", "tensorboard", "Experiment tracker.", str, ("tensorboard", "wandb"), group="logging"),
+        F("logging_dir", "logs", "Tracker folder, relative to --output_dir.", str, group="logging"),
+        F("push_to_hub", False, "Upload the pipeline and logs to the Hub (checkpoints excluded).", store_true=True,
+          group="logging"),
+        F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
+        F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
+        F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
+        # --- distributed
+        F("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and "
+          "SLURM/Open MPI (which are detected).", str, group="distributed", pytorch=False),
+        F("num_processes", None, "Number of processes, with --coordinator_address.", int, group="distributed",
+          pytorch=False),
+        F("process_id", None, "This process's index, with --coordinator_address.", int, group="distributed",
+          pytorch=False),
+    ]
+
+
+FLAGS: tuple[Flag, ...] = tuple(_flags())
+PRESET_ONLY_KEYS = frozenset({"unet"})
+"""YAML-only keys: `unet` is an inline UNet2DModel config mapping (instead of --model_config_name_or_path)."""
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [(f.name, Any, dataclasses.field(default=f.default)) for f in FLAGS]
+    + [("unet", Any, dataclasses.field(default=None))],
+    frozen=True,
+)
+TrainConfig.__doc__ = "The frozen run configuration: one field per flag, plus `unet` from a YAML preset."
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain dict with secrets removed: the form that is logged and saved."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SECRET_KEYS}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line and exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `train_flax.py`, grouped as in `--help`."""
+    parser = _Parser(
+        prog="train_flax.py",
+        description="Train an unconditional diffusion UNet in JAX; the output folder is a diffusers DDPMPipeline.",
+        allow_abbrev=False,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag in FLAGS:
+        group = groups.setdefault(flag.group, parser.add_argument_group(flag.group))
+        help_text = flag.help + ("" if flag.store_true else " (default: %(default)s)")
+        if flag.store_true:
+            group.add_argument(f"--{flag.name}", action="store_true", default=flag.default, help=help_text)
+        else:
+            group.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
+                               help=help_text)
+    return parser
+
+
+def load_preset(path: str) -> dict[str, Any]:
+    """A YAML preset as a dict, every key checked against the known flags."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    with open(path) as f:
+        preset = yaml.safe_load(f) or {}
+    if not isinstance(preset, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    known = {f.name for f in FLAGS} | PRESET_ONLY_KEYS
+    unknown = sorted(set(preset) - known)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise ValueError(f"--config {path}: unknown keys: {', '.join(hints)}")
+    if SECRET_KEYS & set(preset):
+        raise ValueError(f"--config {path}: secrets ({', '.join(sorted(SECRET_KEYS))}) do not belong in presets")
+    return preset
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Any:
+    """Parse the command line (and its `--config` preset) into a frozen `TrainConfig`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        options = [a for a in parser._option_string_actions if a.startswith("--")]
+        first = unknown[0].split("=")[0]
+        match = difflib.get_close_matches(first, options, 1)
+        parser.error(f"unrecognized argument {first}" + (f"; did you mean {match[0]}?" if match else ""))
+    preset: dict[str, Any] = {}
+    if args.config:
+        try:
+            preset = load_preset(args.config)
+        except ValueError as e:
+            parser.error(str(e))
+        parser.set_defaults(**{k: v for k, v in preset.items() if k not in PRESET_ONLY_KEYS})
+        args = parser.parse_args(argv)
+    values = vars(args)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        values["local_rank"] = env_rank
+    try:
+        return validate(TrainConfig(**values, unet=preset.get("unet")))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def validate(config: Any) -> Any:
+    """Checks that need no file system or devices; raises ValueError naming the flag."""
+    positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
+                "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
+                "checkpointing_steps"]
+    for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit"]:
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{key} must be positive, got {value}")
+    if config.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
+    if config.dataset_name is not None and config.train_data_dir is not None:
+        raise ValueError("give either --dataset_name or --train_data_dir, not both")
+    if config.unet is not None and config.model_config_name_or_path is not None:
+        raise ValueError("the preset's `unet` mapping and --model_config_name_or_path both set the model; give one")
+    if config.unet is not None and not isinstance(config.unet, Mapping):
+        raise ValueError("the preset's `unet` must be a mapping of UNet2DModel config keys")
+    return config
