@@ -157,7 +157,7 @@ class FlaxUNet2DModel(nn.Module):
     def _dummy_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         side = 2 ** (len(self.block_out_channels) - 1)
         sample = jnp.zeros((1, self.in_channels, side, side), jnp.float32)
-        timesteps = jnp.ones((1,), jnp.float32)
+        timesteps = jnp.ones((1,), jnp.float32 if self.time_embedding_type == "fourier" else jnp.int32)
         class_labels = None
         if self.class_embed_type == "identity":
             class_labels = jnp.zeros((1, self._time_embed_dim), jnp.float32)
