@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import grain
 import numpy as np
+from absl import flags as absl_flags
 
 from jax_uncond.data.sources import ImageSource, load_source
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_image, transform_image
@@ -153,6 +154,9 @@ class TrainLoader:
         dataset = self.host_dataset()[start:].to_iter_dataset(
             grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
         if self.num_workers > 0:
+            if not absl_flags.FLAGS.is_parsed():
+                # Grain's mp_prefetch reads absl flags, which only absl.app parses; use their defaults.
+                absl_flags.FLAGS.mark_as_parsed()
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         return iter(dataset)
 
