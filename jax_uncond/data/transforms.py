@@ -42,12 +42,21 @@ def decode_image(record: Any) -> Image.Image:
     elif isinstance(record, str):
         image = Image.open(record)
     else:
-        array = np.asarray(record)
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        image = Image.fromarray(array)
+        image = Image.fromarray(_storable(np.asarray(record)))
     image.load()  # decode now, so a truncated file fails here and not later
     return image
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    """An HW or HWC pixel array as PIL takes it: integers (e.g. nested lists read as int64) as uint8/uint16."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if np.issubdtype(array.dtype, np.integer) and array.dtype not in (np.uint8, np.uint16):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535 or (high > 255 and array.ndim == 3):
+            raise ValueError(f"pixel values in [{low}, {high}] fit neither 8 nor 16 bits per channel")
+        array = array.astype(np.uint8 if high <= 255 else np.uint16)
+    return array
 
 
 def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
