@@ -136,7 +136,7 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
         if step_config.inject_nan_steps:
             inject = jnp.isin(state.step, jnp.asarray(step_config.inject_nan_steps))
             loss = jnp.where(inject, jnp.nan, loss)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -169,8 +169,8 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
             "loss": loss,
             "lr": schedule(state.ema_step),
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_state.params),
-            "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
+            "param_norm": optax.tree.norm(new_state.params),
+            "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0),
             "loss_scale": state.loss_scale,
             "nonfinite_run": nonfinite_run,
             "nonfinite_total": new_state.nonfinite_total,
