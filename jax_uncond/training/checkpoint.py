@@ -29,6 +29,11 @@ def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(os.path.abspath(output_dir), CHECKPOINTS_SUBDIR)
 
 
+def step_path(directory: str, step: int) -> str:
+    """The folder of checkpoint `step` in a checkpoints directory (complete once it exists)."""
+    return os.path.join(directory, f"{STEP_PREFIX}_{step}")
+
+
 def _step_of(path: str) -> int | None:
     name = os.path.basename(os.path.normpath(path))
     prefix = STEP_PREFIX + "_"
@@ -61,7 +66,7 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def path(self, step: int) -> str:
-        return os.path.join(self.directory, f"{STEP_PREFIX}_{step}")
+        return step_path(self.directory, step)
 
     def save(self, step: int, state: Any, loader_state: dict[str, Any], config: dict[str, Any]) -> None:
         """Start an asynchronous save of `step` (every process must call it); returns once the
