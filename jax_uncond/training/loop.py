@@ -208,7 +208,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             batch = next(iterator)
             if compiled is None:
                 compiled, compile_s = compile_train_step(train_fn, state, batch, mesh)
-                throughput = metrics.Throughput(images_per_step, metrics.step_flops(compiled), list(mesh.devices.flat))
+                throughput = metrics.Throughput(images_per_step, metrics.step_flops(compiled, k),
+                                                mesh.devices.flat[0])
                 figures["compile_s"] = compile_s
                 say(f"train step compiled in {compile_s:.1f}s")
             with jax.transfer_guard("disallow"):
