@@ -108,7 +108,6 @@ def run(config: Any) -> None:
     """Train as `config` says: the whole run of `train_flax.py`."""
     joined = distributed.initialize(config)
     cache_dir = metrics.enable_compilation_cache()
-    jax.config.update("jax_threefry_partitionable", True)
     from jax_uncond.data.loader import make_train_loader
     from jax_uncond.training.outputs import RunOutputs
 
@@ -119,7 +118,10 @@ def run(config: Any) -> None:
     outputs = RunOutputs(config, model, scheduler, mesh)
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
-    train(config, model, scheduler, mesh, loader, outputs, batch, inject_nan=inject_nan_steps())
+    try:
+        train(config, model, scheduler, mesh, loader, outputs, batch, inject_nan=inject_nan_steps())
+    finally:
+        loader.close()
 
 
 @dataclasses.dataclass
@@ -152,6 +154,7 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any, batch_size: int, *,
           inject_nan: tuple[int, ...] = (), stop_after: int | None = None) -> TrainState:
     """The training loop; returns the final state. `stop_after` ends early (tests), as a kill would."""
+    jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
     steps_per_epoch = loader.steps_per_epoch
     if steps_per_epoch < 1:
@@ -183,6 +186,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         say(f"start: resuming from {source.path(resume_step)} at step {resume_step} "
             f"(epoch {resume_step // steps_per_epoch}, {resume_step % steps_per_epoch} batches into it)")
     start = int(jax.device_get(state.step))
+    if start >= max_steps:
+        say(f"nothing to do: the checkpoint is at step {start}, and the run ends at step {max_steps}")
 
     step_config = StepConfig.from_config(config, inject_nan)
     train_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule, step_config,
@@ -256,8 +261,11 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         checkpoints.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    outputs.close({"step": step, "loss": last.get("loss", math.nan),
-                   "nonfinite_steps": int(last.get("nonfinite_total", 0)), **figures})
+    summary = {"step": step, "loss": last.get("loss", math.nan), "nonfinite_steps": int(last.get("nonfinite_total", 0)),
+               **figures}
+    if hasattr(loader, "skipped_files"):
+        summary["skipped_files"] = loader.skipped_files
+    outputs.close(summary)
     return state
 
 

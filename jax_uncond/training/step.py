@@ -142,7 +142,7 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_step = state.ema_step + 1
-        ema_params = state.ema_params
+        ema_params, decay = state.ema_params, None
         if step_config.use_ema:
             decay = ema_decay(ema_step, step_config.ema_inv_gamma, step_config.ema_power, step_config.ema_max_decay)
             ema_params = _tree_select(finite, ema_update(state.ema_params, params, decay), state.ema_params)
@@ -175,6 +175,8 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
             "nonfinite_run": nonfinite_run,
             "nonfinite_total": new_state.nonfinite_total,
         }
+        if decay is not None:
+            metrics["ema_decay"] = decay
         return new_state, metrics
 
     return train_step
