@@ -237,6 +237,11 @@ def transform_spec(config: Any) -> TransformSpec:
 def make_train_loader(config: Any, mesh: Any, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
+    from jax_uncond.training.sharding import data_parallel_size
+
+    if mesh is not None and batch_size % data_parallel_size(mesh):
+        raise ValueError(f"the global batch of {batch_size} does not split evenly over the mesh's "
+                         f"{data_parallel_size(mesh)} data-parallel devices")
     source, skipped = load_source(config)
     return TrainLoader(source, transform_spec(config), global_batch_size=batch_size, seed=config.seed, mesh=mesh,
                        num_workers=config.dataloader_num_workers, shard_options=shard_options, prefetch=prefetch,
