@@ -155,7 +155,8 @@ def test_tfds_data_source(tmp_path, mesh):
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"label": tfds.features.ClassLabel(num_classes=2), "image": tfds.features.Image(shape=(None, None, 3))}))
+                {"label": tfds.features.ClassLabel(num_classes=2),
+                 "image": tfds.features.Image(shape=(None, None, 3))}))
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(0, 6), "test": self._generate_examples(6, 2)}

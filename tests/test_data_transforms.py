@@ -54,7 +54,12 @@ def reference_precise(image, size):
     tensor = torch.from_numpy(array.astype(np.int64) if array.dtype == np.uint16 else array)
     tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     channels = tensor.shape[0]
-    tensor = tensor.repeat(3, 1, 1) if channels == 1 else torch.cat([tensor, tensor[:1]]) if channels == 2 else tensor[:3]
+    if channels == 1:
+        tensor = tensor.repeat(3, 1, 1)
+    elif channels == 2:
+        tensor = torch.cat([tensor, tensor[:1]])
+    else:
+        tensor = tensor[:3]
     tensor = tensor.float() / float(np.iinfo(array.dtype).max)
     new_w, new_h = _torchvision_size(image.size[0], image.size[1], size)
     if (new_w, new_h) != image.size:

@@ -28,8 +28,10 @@ from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_i
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-READ_THREADS = 2
-"""Grain threads per process (PIL decodes and resizes without holding the GIL)."""
+WORKER_READ_THREADS = 1
+"""Grain reader threads in each worker process, so a worker decodes while its last batch is being sent.
+In-process (no workers) Grain reads synchronously: the device-prefetch thread already runs it in the
+background, and extra threads only fought for the cores in the measurements (benchmarks/bench_data.py)."""
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -115,7 +117,8 @@ class TrainLoader:
         num_examples = len(source)
         if num_examples < global_batch_size:
             raise ValueError(f"the dataset has {num_examples} usable images, fewer than one global batch of "
-                             f"{global_batch_size}; use a smaller --train_batch_size/--global_batch_size or more images")
+                             f"{global_batch_size}; use a smaller --train_batch_size/--global_batch_size or "
+                             "more images")
         if global_batch_size % shard_options.shard_count:
             raise ValueError(f"the global batch of {global_batch_size} does not split evenly over "
                              f"{shard_options.shard_count} processes")
@@ -151,13 +154,15 @@ class TrainLoader:
 
     def iter_host(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """NumPy batches of this process from global batch `start` on: {"images": (B/P, 3, R, R), "bad": (B/P,)}."""
+        threads = WORKER_READ_THREADS if self.num_workers > 0 else 0
         dataset = self.host_dataset()[start:].to_iter_dataset(
-            grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 1)))
         if self.num_workers > 0:
             if not absl_flags.FLAGS.is_parsed():
                 # Grain's mp_prefetch reads absl flags, which only absl.app parses; use their defaults.
                 absl_flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+            options = grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2)
+            dataset = dataset.mp_prefetch(options)
         return iter(dataset)
 
     # --- the training-side iterator
@@ -232,6 +237,11 @@ def transform_spec(config: Any) -> TransformSpec:
 def make_train_loader(config: Any, mesh: Any, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
+    from jax_uncond.training.sharding import data_parallel_size
+
+    if mesh is not None and batch_size % data_parallel_size(mesh):
+        raise ValueError(f"the global batch of {batch_size} does not split evenly over the mesh's "
+                         f"{data_parallel_size(mesh)} data-parallel devices")
     source, skipped = load_source(config)
     return TrainLoader(source, transform_spec(config), global_batch_size=batch_size, seed=config.seed, mesh=mesh,
                        num_workers=config.dataloader_num_workers, shard_options=shard_options, prefetch=prefetch,

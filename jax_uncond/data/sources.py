@@ -131,7 +131,8 @@ def _readable_rows(paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return np.asarray([i for i, error in enumerate(errors) if error is None], dtype=np.int64), bad
 
 
-def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | None) -> tuple[DatasetsSource, list[str]]:
+def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | None
+                      ) -> tuple[DatasetsSource, list[str]]:
     """`datasets`' imagefolder over `data_dir`, minus unreadable files; also returns the skipped paths."""
     import datasets
 
