@@ -67,10 +67,10 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
 
 def export(source: str, output_dir: str, ema: bool | None = None) -> str:
     """Writes the DDPMPipeline folder of `source`'s checkpoint to `output_dir`; returns a one-line summary."""
+    directory, step = locate(source)
     from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
     from jax_uncond.training.loop import build_model, build_scheduler
 
-    directory, step = locate(source)
     config = saved_config(directory, step)
     if ema and not config.use_ema:
         raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
