@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import math
 
 import jax
@@ -102,6 +101,13 @@ def flax_forward_fn(model: FlaxUNet2DModel):
                                                 x.get("class_labels")).sample)
 
 
+def random_params(model: FlaxUNet2DModel, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Arbitrary values in the model's parameter shapes."""
+    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.randn(*s.shape).astype(np.float32), dtype), shapes)
+
+
 def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
 
@@ -166,3 +172,111 @@ def test_config_round_trip(case):
                                                  for k, v in dict(case.torch_model.config).items()
                                                  if not k.startswith("_")}
     assert FlaxUNet2DModel.from_config(config) == case.model
+
+
+# ---- initialisation ------------------------------------------------------------------------------
+def test_init_statistics_match_pytorch():
+    """Per tensor: the same distribution as PyTorch's default init (support, spread, centre)."""
+    config = CONFIGS["fourier_skip_sde_ve"] | dict(num_class_embeds=5)
+    torch.manual_seed(0)
+    reference = torch_state_dict(UNet2DModel(**config))
+    model = FlaxUNet2DModel.from_config(config)
+    ours = pytorch_io.state_dict_from_params(model.init_weights(jax.random.key(0)))
+    assert ours.keys() == reference.keys()
+    for key, ref in reference.items():
+        value = ours[key]
+        if "norm" in key:  # ones / zeros exactly
+            assert np.array_equal(value, ref), key
+            continue
+        n = value.size
+        # the spread: std within sampling error (generous: 5 sigma plus 2 %)
+        assert abs(value.std() / ref.std() - 1) < 5 * np.sqrt(1 / n) + 0.02, key
+        assert abs(value.mean() - ref.mean()) < 5 * ref.std() * np.sqrt(2 / n), key
+        if key.endswith("time_proj.weight") or key.startswith("class_embedding"):  # normal: N(0, 16^2), N(0, 1)
+            assert abs(ref.std() - (16 if "time_proj" in key else 1)) < 5 * np.sqrt(1 / n) * ref.std() + 0.02
+            continue
+        # uniform(+-1/sqrt(fan_in)): the bound holds for both, and the sample max gets close to it
+        weight = reference[key.replace(".bias", ".weight")]
+        bound = 1 / np.sqrt(np.prod(weight.shape[1:]))
+        for tensor in (value, ref):
+            assert np.abs(tensor).max() <= bound * (1 + 1e-6), key
+            assert np.abs(tensor).max() >= bound * (1 - 20 / n), key  # P(fail) ~ exp(-20)
+
+
+def test_fourier_weight_is_frozen():
+    config = CONFIGS["fourier_skip_sde_ve"]
+    model = FlaxUNet2DModel.from_config(config)
+    params = jax.eval_shape(model.init_weights, jax.random.key(1))
+    mask = model.trainable_mask(params)
+    assert mask["time_proj"]["weight"] is False and mask["conv_in"]["kernel"] is True
+
+
+# ---- knobs ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def attn_case(tmp_path_factory) -> Case:
+    return Case("attn_default", CONFIGS["attn_default"], tmp_path_factory.mktemp("attn"))
+
+
+def test_scalar_timestep_broadcasts(attn_case):
+    x = dict(attn_case.inputs, timesteps=np.asarray(250))
+    out = jax.jit(lambda p, s: attn_case.model.apply({"params": p}, s, 250).sample)(attn_case.params, x["sample"])
+    assert relative_error(out, torch_forward(attn_case.torch_model, x)) <= 1e-4
+
+
+def test_bfloat16_compute_is_close(attn_case):
+    model = attn_case.model.clone(dtype=jnp.bfloat16)
+    out = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t).sample)(
+        attn_case.params, attn_case.inputs["sample"], attn_case.inputs["timesteps"])
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(np.asarray(out, np.float32), attn_case.ref) < 5e-2
+
+
+def test_gradient_checkpointing_and_xla_attention_forward(attn_case):
+    model = attn_case.model.clone(gradient_checkpointing=True, attention_implementation="xla")
+    assert relative_error(flax_forward_fn(model)(attn_case.params, attn_case.inputs), attn_case.ref) <= 1e-4
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_gradients(attn_case):
+    x = attn_case.inputs
+
+    def grads(model):
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x["sample"], x["timesteps"]).sample ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(attn_case.params)
+
+    value, reference = grads(attn_case.model)
+    value2, remat = grads(attn_case.model.clone(gradient_checkpointing=True))
+    np.testing.assert_allclose(value2, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), remat, reference)
+
+
+def test_dropout_only_in_train_mode(tmp_path):
+    model = FlaxUNet2DModel(sample_size=8, block_out_channels=(32,), norm_num_groups=8, layers_per_block=1,
+                            down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), dropout=0.5)
+    params = random_params(model)
+    x = inputs(model.config, DEFAULT_TIMESTEPS)
+
+    @jax.jit
+    def run(key):
+        train = model.apply({"params": params}, x["sample"], x["timesteps"], train=True, rngs={"dropout": key})
+        return train.sample, model.apply({"params": params}, x["sample"], x["timesteps"]).sample
+
+    a, evaluation = run(jax.random.key(1))
+    b, _ = run(jax.random.key(2))
+    a_again, _ = run(jax.random.key(1))
+    assert np.array_equal(a, a_again) and not np.allclose(a, b) and not np.allclose(a, evaluation)
+    with pytest.raises(Exception, match="dropout"):
+        model.apply({"params": params}, x["sample"], x["timesteps"], train=True)
+
+
+def test_bad_inputs_are_clear_errors(attn_case):
+    apply = lambda *a, **k: attn_case.model.apply({"params": attn_case.params}, *a, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="NCHW with C=3"):
+        apply(np.zeros((1, 16, 16, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        apply(np.zeros((1, 3, 15, 16), np.float32), 1)
+    with pytest.raises(ValueError, match="no class embedding"):
+        apply(np.zeros((1, 3, 16, 16), np.float32), 1, class_labels=np.zeros(1, np.int32))
+    model = FlaxUNet2DModel.from_config(dict(CONFIGS["attn_default"], num_class_embeds=3))
+    with pytest.raises(ValueError, match="class_labels should be provided"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)), 1))

@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
 from safetensors.numpy import save_file
-from test_unet import CONFIGS, TINY, saved_state_dict, torch_state_dict, torch_unet
+from test_unet import CONFIGS, TINY, random_params, saved_state_dict, torch_state_dict, torch_unet
 
 from jax_uncond import FlaxUNet2DModel
 from jax_uncond.models import pytorch_io
@@ -22,13 +22,6 @@ from jax_uncond.models.pytorch_io import WeightMismatchError
 from jax_uncond.models.unet_2d import CONFIG_KEYS
 
 SMALL = dict(TINY, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-
-
-def random_params(model: FlaxUNet2DModel, seed: int = 0, dtype=jnp.float32) -> dict:
-    """Arbitrary values in the model's parameter shapes (no init compile needed)."""
-    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
-    rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.randn(*s.shape).astype(np.float32), dtype), shapes)
 
 
 @pytest.fixture(scope="module")
