@@ -53,6 +53,32 @@ CONFIGS = {
                                          up_block_types=("UNetResAttnUpBlock2D", "UpBlock2D"), act_fn="swish",
                                          resnet_time_scale_shift="scale_shift", norm_eps=1e-4),
 }
+# Well-known full-size configs (slow tests).
+# diffusers' examples/unconditional_image_generation/train_unconditional.py at resolution 64.
+SEED_EXAMPLE = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+)  # fmt: skip
+# google/ddpm-cifar10-32 (Ho et al.'s 35.7M-parameter CIFAR-10 model).
+DDPM_CIFAR10 = dict(
+    sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, attention_head_dim=None,
+)  # fmt: skip
+# Score-SDE VE (google/ncsnpp-* layout): Fourier time, FIR skip blocks, sqrt(2) scaling; run at 64x64.
+SCORE_SDE_VE = dict(
+    sample_size=64, block_out_channels=(128, 128, 256, 256, 256, 256, 256), layers_per_block=2,
+    down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D",
+                      "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
+    up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D",
+                    "SkipUpBlock2D", "SkipUpBlock2D"),
+    time_embedding_type="fourier", norm_num_groups=None, mid_block_scale_factor=math.sqrt(2.0), norm_eps=1e-6,
+    attention_head_dim=None,
+)  # fmt: skip
+BIG_CONFIGS = {"ddpm_cifar10": DDPM_CIFAR10, "seed_example_64": SEED_EXAMPLE, "score_sde_ve": SCORE_SDE_VE}
 TIMESTEPS = {"fourier": [0.01, 1.0, 37.0]}
 DEFAULT_TIMESTEPS = [0, 421, 999]
 
@@ -280,3 +306,23 @@ def test_bad_inputs_are_clear_errors(attn_case):
     model = FlaxUNet2DModel.from_config(dict(CONFIGS["attn_default"], num_class_embeds=3))
     with pytest.raises(ValueError, match="class_labels should be provided"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)), 1))
+
+
+# ---- full-size configs (slow) --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BIG_CONFIGS))
+def test_full_size_config_matches_diffusers(name, tmp_path):
+    config = BIG_CONFIGS[name]
+    torch_model = torch_unet(config)
+    count = sum(p.numel() for p in torch_model.parameters())
+    torch_model.save_pretrained(tmp_path)
+    model, params = FlaxUNet2DModel.from_pretrained(tmp_path)
+    assert sum(x.size for x in jax.tree.leaves(params)) == count
+    if name == "seed_example_64":
+        assert count == 113_673_219
+    if name == "ddpm_cifar10":
+        assert round(count / 1e6, 1) == 35.7
+    x = inputs(config, [0.05, 20.0] if config.get("time_embedding_type") == "fourier" else [10, 900])
+    err = relative_error(flax_forward_fn(model)(params, x), torch_forward(torch_model, x))
+    print(f"{name}: {count} parameters, max abs diff / max |out| = {err:.2e}")
+    assert err <= 1e-4
