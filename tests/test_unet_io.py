@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
 from safetensors.numpy import save_file
-from test_unet import CONFIGS, TINY, saved_state_dict, torch_state_dict, torch_unet
+from test_unet import CONFIGS, SEED_EXAMPLE, TINY, random_params, saved_state_dict, torch_state_dict, torch_unet
 
 from jax_uncond import FlaxUNet2DModel
 from jax_uncond.models import pytorch_io
@@ -22,13 +22,6 @@ from jax_uncond.models.pytorch_io import WeightMismatchError
 from jax_uncond.models.unet_2d import CONFIG_KEYS
 
 SMALL = dict(TINY, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-
-
-def random_params(model: FlaxUNet2DModel, seed: int = 0, dtype=jnp.float32) -> dict:
-    """Arbitrary values in the model's parameter shapes (no init compile needed)."""
-    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
-    rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.randn(*s.shape).astype(np.float32), dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -259,15 +252,6 @@ def test_parameter_count_of_the_seed_example_model():
     model = FlaxUNet2DModel(**SEED_EXAMPLE)
     shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 113_673_219
-
-
-# diffusers' examples/unconditional_image_generation/train_unconditional.py, resolution 64.
-SEED_EXAMPLE = dict(
-    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-)  # fmt: skip
 
 
 def test_torch_state_dict_dtype_float_for_bf16_bin(tmp_path):

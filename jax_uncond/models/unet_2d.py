@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from jax_uncond.models import pytorch_io
 from jax_uncond.models.blocks import DOWN_BLOCKS, UP_BLOCKS, BlockArgs, MidBlock, canonical_block_type
-from jax_uncond.models.embeddings import GaussianFourierProjection, TimestepEmbedding, get_timestep_embedding, scaled_normal
+from jax_uncond.models.embeddings import GaussianFourierProjection, TimestepEmbedding, get_timestep_embedding
 from jax_uncond.models.layers import ACTIVATIONS, Dtype, GroupNorm, conv2d
 
 # diffusers' UNet2DModel.__init__ signature, in order (tests check it against the installed diffusers).
@@ -168,10 +168,13 @@ class FlaxUNet2DModel(nn.Module):
         return sample, timesteps, class_labels
 
     def init_weights(self, rng: jax.Array) -> dict:
-        """Parameters drawn like PyTorch's defaults for UNet2DModel (jit-compiled, so cheap to eval_shape)."""
-        sample, timesteps, class_labels = self._dummy_inputs()
-        init = jax.jit(lambda key: self.init({"params": key}, sample, timesteps, class_labels)["params"])
-        return init(rng)
+        """Parameters drawn like PyTorch's defaults for UNet2DModel (see `pytorch_io.pytorch_default_init`).
+
+        Jittable (e.g. `jax.jit(model.init_weights, out_shardings=...)`), and cheap to compile: the whole
+        tree comes from two random draws, not one per tensor.
+        """
+        template = jax.eval_shape(lambda key: self.init({"params": key}, *self._dummy_inputs())["params"], rng)
+        return jax.jit(lambda key: pytorch_io.pytorch_default_init(template, key, self.param_dtype))(rng)
 
     def trainable_mask(self, params: dict) -> dict:
         """A pytree of bools like `params`: False for tensors diffusers keeps frozen (the Fourier weights)."""
@@ -266,10 +269,9 @@ class FlaxUNet2DModel(nn.Module):
         t = jnp.asarray(timesteps)
         t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t[None], (batch,))
         if self.time_embedding_type == "fourier":
-            time_proj = GaussianFourierProjection(c0, scale=16, param_dtype=self.param_dtype, name="time_proj")
+            time_proj = GaussianFourierProjection(c0, param_dtype=self.param_dtype, name="time_proj")
         elif self.time_embedding_type == "learned":
-            time_proj = nn.Embed(self.num_train_timesteps, c0, param_dtype=self.param_dtype,
-                                 embedding_init=scaled_normal(1.0), name="time_proj")
+            time_proj = nn.Embed(self.num_train_timesteps, c0, param_dtype=self.param_dtype, name="time_proj")
         else:
             time_proj = lambda ts: get_timestep_embedding(ts, c0, self.flip_sin_to_cos, self.freq_shift)  # noqa: E731
         emb = TimestepEmbedding(self._time_embed_dim, name="time_embedding", **kw)(time_proj(t).astype(self.dtype))
@@ -277,7 +279,7 @@ class FlaxUNet2DModel(nn.Module):
 
         # 2. pre-process; 3. down
         skip_sample = x
-        x = conv2d(c0, self.in_channels, 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
+        x = conv2d(c0, 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
         res_samples: tuple[jax.Array, ...] = (x,)
         for i, name in enumerate(self.down_block_types):
             block = self._down_block(i, canonical_block_type(name), args)
@@ -314,7 +316,7 @@ class FlaxUNet2DModel(nn.Module):
         # 6. post-process
         groups_out = self.norm_num_groups if self.norm_num_groups is not None else min(c0 // 4, 32)
         x = jax.nn.silu(GroupNorm(groups_out, self.norm_eps, name="conv_norm_out", **kw)(x))
-        x = conv2d(self.out_channels, c0, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
+        x = conv2d(self.out_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
         if skip_sample is not None:
             x = x + skip_sample
         if self.time_embedding_type == "fourier":
@@ -344,7 +346,7 @@ class FlaxUNet2DModel(nn.Module):
         if self.class_embed_type == "identity":
             return jnp.asarray(class_labels).astype(self.dtype)
         table = nn.Embed(self.num_class_embeds, self._time_embed_dim, param_dtype=self.param_dtype,
-                         embedding_init=scaled_normal(1.0), name="class_embedding")
+                         name="class_embedding")
         return table(jnp.asarray(class_labels)).astype(self.dtype)
 
     def _maybe_remat(self, module_cls: type[nn.Module]) -> type[nn.Module]:
