@@ -2,6 +2,7 @@
 
 import sys
 
+from jax_uncond.errors import UsageError
 from jax_uncond.training.config import parse_args
 
 
@@ -9,7 +10,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     from jax_uncond.training.loop import run
 
-    run(config)
+    try:
+        run(config)
+    except UsageError as e:  # a bad invocation found at start-up: one line, exit code 2, like argparse
+        print(f"train_flax.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -99,6 +99,9 @@ def _flags() -> list[Flag]:
           "per device).", int, group="training", pytorch=False),
         F("snr_gamma", None, "Min-SNR-gamma loss weighting (5.0 is the paper's recommendation); off by default.",
           float, group="training", pytorch=False),
+        F("max_nonfinite_steps", 25, "Stop after this many consecutive steps with a non-finite loss or gradient "
+          "(each is skipped and counted; the last checkpoint stays untouched).", int, group="training",
+          pytorch=False),
         F("config", None, "A YAML preset (see configs/); explicit flags override its values.", str,
           group="training", pytorch=False),
         # --- optimizer
@@ -233,7 +236,7 @@ def validate(config: Any) -> Any:
     """Checks that need no file system or devices; raises ValueError naming the flag."""
     positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                 "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
-                "checkpointing_steps"]
+                "checkpointing_steps", "max_nonfinite_steps"]
     for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit"]:
         value = getattr(config, key)
         if value is not None and value <= 0:

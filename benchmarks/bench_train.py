@@ -1,0 +1,161 @@
+"""Training throughput: this JAX engine vs the PyTorch step of diffusers' train_unconditional.py.
+
+Both sides train the same UNet2DModel config on the same batch of random images: JAX runs the
+engine's compiled step (noise/timesteps drawn inside, clip, AdamW, EMA, state donated) on all local
+devices; PyTorch runs the script's loop body over diffusers' UNet2DModel + DDPMScheduler + AdamW
+(+ EMAModel), with autocast for bf16. Prints images/s of each, the ratio, JAX's MFU and compile time.
+
+    python benchmarks/bench_train.py                      # small CPU config (a couple of minutes)
+    python benchmarks/bench_train.py --preset seed64      # diffusers' 64x64 example, bf16, batch 64 (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_uncond.training import metrics, sharding  # noqa: E402
+from jax_uncond.training.config import parse_args  # noqa: E402
+from jax_uncond.training.loop import SEED_UNET_CONFIG, build_model, build_scheduler  # noqa: E402
+from jax_uncond.training.optim import make_optimizer  # noqa: E402
+from jax_uncond.training.state import create_train_state  # noqa: E402
+from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(unet={"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
+                      "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                      "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 8},
+                resolution=32, batch=16, precision="no", steps=8),
+    "seed64": dict(unet=dict(SEED_UNET_CONFIG), resolution=64, batch=64, precision="bf16", steps=30),
+}
+
+
+def jax_images_per_s(config, steps: int) -> dict[str, float]:
+    mesh = sharding.make_mesh(jax.local_devices())
+    model, scheduler = build_model(config), build_scheduler(config)
+    optimizer, schedule = make_optimizer(config, 10_000)
+    key = jax.random.key(0)
+    state = jax.jit(lambda: create_train_state(model.init_weights(key), optimizer, config.use_ema, False),
+                    out_shardings=sharding.replicated(mesh))()
+    shape = (config.global_batch_size, 3, config.resolution, config.resolution)
+    images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32),
+                            sharding.batch_sharding(mesh))
+    batch = {"images": images}
+    step_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule,
+                              StepConfig.from_config(config), key, mesh)
+    compiled, compile_s = compile_train_step(step_fn, state, batch, mesh)
+    for _ in range(2):  # warm-up
+        state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    throughput = metrics.Throughput(config.global_batch_size, metrics.step_flops(compiled), mesh.devices.flat[0])
+    report = throughput.report(steps, seconds)
+    report["compile_s"] = compile_s
+    report["loss"] = float(out["loss"])
+    return report
+
+
+def torch_images_per_s(config, unet_config: dict, steps: int) -> float:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=config.resolution, **unet_config).to(device)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
+                                    prediction_type=config.prediction_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=10_000)
+    ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                   inv_gamma=config.ema_inv_gamma, power=config.ema_power) if config.use_ema else None
+    if ema is not None:
+        ema.to(device)
+    shape = (config.global_batch_size, 3, config.resolution, config.resolution)
+    clean_images = torch.rand(shape, device=device) * 2 - 1
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+
+    def one_step():
+        noise = torch.randn(clean_images.shape, device=device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (shape[0],), device=device).long()
+        noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+        with autocast:
+            model_output = model(noisy_images, timesteps).sample
+        loss = F.mse_loss(model_output.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        if ema is not None:
+            ema.step(model.parameters())
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        one_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    sync()
+    return steps * shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--batch", type=int, help="global batch (default: the preset's)")
+    parser.add_argument("--steps", type=int, help="timed steps (default: the preset's)")
+    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    batch, steps = args.batch or preset["batch"], args.steps or preset["steps"]
+    unet_config = dict(preset["unet"])
+    config = parse_args(["--resolution", str(preset["resolution"]), "--global_batch_size", str(batch),
+                         "--mixed_precision", preset["precision"], "--use_ema"])
+    config = dataclasses.replace(config, unet={**unet_config, "sample_size": preset["resolution"]})
+    metrics.enable_compilation_cache()
+    devices = jax.local_devices()
+    print(f"config {args.preset}: {preset['resolution']}x{preset['resolution']}, global batch {batch}, "
+          f"{preset['precision']}, EMA on; JAX on {len(devices)} x {devices[0].device_kind}")
+    jax_report = jax_images_per_s(config, steps)
+    line = (f"jax:   {jax_report['images_per_s']:.1f} images/s, {jax_report['steps_per_s']:.2f} steps/s, "
+            f"compile {jax_report['compile_s']:.1f}s")
+    if "mfu" in jax_report:
+        line += f", MFU {100 * jax_report['mfu']:.1f}%"
+    else:
+        line += ", MFU n/a (no known peak for this device)"
+    print(line)
+    if not args.no_torch:
+        import torch
+
+        torch_ips = torch_images_per_s(config, unet_config, steps)
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"torch: {torch_ips:.1f} images/s on {where}")
+        print(f"ratio jax/torch: {jax_report['images_per_s'] / torch_ips:.2f}x")
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()

@@ -1,0 +1,102 @@
+"""A training checkpoint -> a diffusers DDPMPipeline folder: `python -m jax_uncond.export SRC OUTPUT_DIR`.
+
+SRC is a checkpoint folder (`.../checkpoints/checkpoint_<step>`) or a run's output folder (then its
+newest checkpoint). The UNet and scheduler are rebuilt from the config saved in the checkpoint, and
+`--ema` (the default when the run kept an EMA) or `--no-ema` chooses the weights. No PyTorch needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+
+from jax_uncond.errors import UsageError
+
+
+def locate(source: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a checkpoint folder or a run's output folder."""
+    from jax_uncond.training import checkpoint as ckpt
+
+    if os.path.isdir(ckpt.checkpoints_dir(source)):
+        found = ckpt.resolve_resume("latest", source)
+        if found is None:
+            raise UsageError(f"{source}: its checkpoints folder holds no complete checkpoint")
+        return found
+    if os.path.isdir(source):
+        try:
+            return ckpt.resolve_resume(os.path.abspath(source), source)
+        except ckpt.CheckpointError as e:
+            raise UsageError(f"{source}: not a checkpoint folder nor a run's output folder with checkpoints "
+                             f"({e})") from e
+    raise UsageError(f"{source}: no such folder")
+
+
+def saved_config(directory: str, step: int) -> Any:
+    """The run's TrainConfig as saved in the checkpoint (secrets were never saved)."""
+    import orbax.checkpoint as ocp
+
+    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.training.config import TrainConfig
+
+    manager = ckpt.Checkpoints(directory, every=1, read_only=True)
+    saved = manager.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def restore_weights(directory: str, step: int, config: Any, model: Any, ema: bool) -> Any:
+    """The UNet parameters (EMA or raw) of the checkpoint, on this machine's first device."""
+    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.training import sharding
+    from jax_uncond.training.optim import make_optimizer
+    from jax_uncond.training.state import create_train_state
+
+    optimizer, _ = make_optimizer(config, 1)
+    shapes = jax.eval_shape(lambda: create_train_state(model.init_weights(jax.random.key(0)), optimizer,
+                                                       config.use_ema, config.mixed_precision == "fp16"))
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    manager = ckpt.Checkpoints(directory, every=1, read_only=True)
+    state, _, _ = manager.restore(step, ckpt.abstract_state(shapes, mesh))
+    return state.ema_params if ema else state.params
+
+
+def export(source: str, output_dir: str, ema: bool | None = None) -> str:
+    """Writes the DDPMPipeline folder of `source`'s checkpoint to `output_dir`; returns a one-line summary."""
+    directory, step = locate(source)
+    from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
+    from jax_uncond.training.loop import build_model, build_scheduler
+
+    config = saved_config(directory, step)
+    if ema and not config.use_ema:
+        raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
+    ema = config.use_ema if ema is None else ema
+    config = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False)
+    model = build_model(config)
+    params = restore_weights(directory, step, config, model, ema)
+    FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(config)).save_pretrained(output_dir, {"unet": params})
+    return f"{'EMA' if ema else 'raw'} weights of {directory}/checkpoint_{step} exported to {output_dir}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jax_uncond.export", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("source", metavar="CHECKPOINT_OR_OUTPUT_DIR",
+                        help="A checkpoint folder, or a run's output folder (its newest checkpoint).")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="Where the DDPMPipeline folder is written.")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="Export the EMA weights (default when the run kept them) or, with --no-ema, the raw ones.")
+    args = parser.parse_args(argv)
+    try:
+        print(export(args.source, args.output_dir, args.ema))
+    except UsageError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

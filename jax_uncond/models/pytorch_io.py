@@ -1,0 +1,196 @@
+"""The one PyTorch <-> Flax table for UNet2DModel weights, and diffusers' weight files (torch-free).
+
+Flax module names copy diffusers' attribute names, so a parameter path maps to a PyTorch state-dict key
+by three rules:
+  1. list entries: Flax `resnets_0` <-> PyTorch `resnets.0` for the containers in `LIST_CONTAINERS`;
+  2. leaf names and layouts: `LEAF_RULES` (conv HWIO <-> OIHW, dense (in, out) <-> (out, in),
+     norm scale <-> weight, embedding table <-> weight);
+  3. reading only: pre-0.10 diffusers attention names (`query`, `key`, `value`, `proj_attn`) are
+     accepted as their current names, as diffusers itself does (`LEGACY_ATTENTION_NAMES`).
+Loading is driven by the Flax parameter template (`jax.eval_shape` of the init), so every expected
+tensor is checked: missing, unexpected and mis-shaped tensors are reported together in one error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+from flax import traverse_util
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
+BIN_NAME = "diffusion_pytorch_model.bin"
+
+LIST_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
+
+
+class LeafRule(NamedTuple):
+    """How one Flax leaf maps to PyTorch: the PyTorch leaf name and the layout change both ways."""
+
+    torch_name: str
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+# Keyed by (Flax leaf name, ndim).
+LEAF_RULES: dict[tuple[str, int], LeafRule] = {
+    ("kernel", 4): LeafRule("weight", lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),
+    ("kernel", 2): LeafRule("weight", lambda k: k.T, lambda w: w.T),
+    ("bias", 1): LeafRule("bias", _identity, _identity),
+    ("scale", 1): LeafRule("weight", _identity, _identity),  # GroupNorm
+    ("embedding", 2): LeafRule("weight", _identity, _identity),  # nn.Embedding (learned time / class tables)
+    ("weight", 1): LeafRule("weight", _identity, _identity),  # GaussianFourierProjection
+}
+
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+class WeightMismatchError(ValueError):
+    """A weight file does not hold exactly the tensors the model config asks for."""
+
+
+def _module_segment(segment: str) -> str:
+    container, _, index = segment.rpartition("_")
+    return f"{container}.{index}" if container in LIST_CONTAINERS and index.isdigit() else segment
+
+
+def torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, LeafRule]:
+    """The PyTorch state-dict key and layout rule for the Flax parameter at `path`."""
+    rule = LEAF_RULES.get((path[-1], ndim))
+    if rule is None:
+        raise KeyError(f"no PyTorch mapping for Flax parameter {'/'.join(path)} with {ndim} dims")
+    return ".".join([_module_segment(s) for s in path[:-1]] + [rule.torch_name]), rule
+
+
+def state_dict_from_params(params: Any) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers state dict of contiguous float32 numpy arrays."""
+    state_dict = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        array = np.asarray(value, dtype=np.float32)
+        key, rule = torch_key(path, array.ndim)
+        state_dict[key] = np.ascontiguousarray(rule.to_torch(array))
+    return state_dict
+
+
+def _rename_legacy(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    renamed = dict(state_dict)
+    for key in state_dict:
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in LEGACY_ATTENTION_NAMES:
+            new = ".".join(parts[:-2] + [LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+            if new not in renamed:
+                renamed[new] = renamed.pop(key)
+    return renamed
+
+
+def params_from_state_dict(state_dict: dict[str, np.ndarray], template: Any, source: str = "state dict") -> dict:
+    """diffusers state dict -> Flax params shaped like `template` (a pytree of arrays or ShapeDtypeStructs).
+
+    Raises WeightMismatchError listing every missing, unexpected and mis-shaped tensor.
+    """
+    state_dict = _rename_legacy(state_dict)
+    flat_template = traverse_util.flatten_dict(template)
+    expected = {}
+    for path, leaf in flat_template.items():
+        key, rule = torch_key(path, len(leaf.shape))
+        expected[key] = (path, rule, tuple(leaf.shape))
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    flat, misshaped = {}, []
+    for key in sorted(set(expected) & set(state_dict)):
+        path, rule, shape = expected[key]
+        value = rule.to_flax(np.asarray(state_dict[key]))
+        if value.shape != shape:
+            torch_shape = tuple(rule.to_torch(np.empty(shape, np.bool_)).shape)
+            misshaped.append(f"{key}: file has {tuple(state_dict[key].shape)}, config needs {torch_shape}")
+        flat[path] = value
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not match the UNet2DModel config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        lines.append("Check that config.json belongs to these weights (block types, channels, layers).")
+        raise WeightMismatchError("\n".join(lines))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a `.safetensors` file with numpy; a `.bin` file needs PyTorch (imported only here)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path} is a PyTorch pickle (.bin); reading it needs PyTorch (`pip install torch`), "
+            "or convert it once to diffusion_pytorch_model.safetensors"
+        ) from None
+    state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy() for k, v in state_dict.items()}
+
+
+def save_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write a safetensors file with diffusers' "pt" format metadata."""
+    from safetensors.numpy import save_file
+
+    save_file(state_dict, str(path), metadata={"format": "pt"})
+
+
+def _weights_name(base: str, variant: str | None) -> str:
+    if variant is None:
+        return base
+    stem, ext = os.path.splitext(base)
+    return f"{stem}.{variant}{ext}"
+
+
+def resolve_files(
+    name_or_path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path, Path]:
+    """(config.json, weight file) of a local diffusers model folder or a Hub repo id.
+
+    Prefers safetensors; falls back to `.bin` only when no safetensors file exists.
+    """
+    names = [_weights_name(SAFETENSORS_NAME, variant), _weights_name(BIN_NAME, variant)]
+    folder = Path(name_or_path) / subfolder if subfolder else Path(name_or_path)
+    if Path(name_or_path).is_dir():
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers UNet2DModel folder?")
+        for name in names:
+            if (folder / name).is_file():
+                return folder / CONFIG_NAME, folder / name
+        raise FileNotFoundError(f"{folder} has neither {names[0]} nor {names[1]}")
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def download(filename: str) -> Path:
+        return Path(hf_hub_download(
+            str(name_or_path), filename, subfolder=subfolder, cache_dir=cache_dir, revision=revision,
+            token=token, local_files_only=local_files_only,
+        ))  # fmt: skip
+
+    config = download(CONFIG_NAME)
+    try:
+        return config, download(names[0])
+    except EntryNotFoundError:
+        try:
+            return config, download(names[1])
+        except EntryNotFoundError:
+            raise FileNotFoundError(f"Hub repo {name_or_path} (subfolder {subfolder}) has neither {names[0]} nor {names[1]}") from None

@@ -1,0 +1,278 @@
+"""The run: resolve the model, build the mesh, state and loader, then step, log, checkpoint and export.
+
+`run(config)` is what `train_flax.py` calls. `train(...)` is the loop itself, given its parts, so
+tests can drive it with a tiny model and in-memory data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jax_uncond.training import checkpoint as ckpt
+from jax_uncond.training import distributed, metrics, sharding
+from jax_uncond.training.config import to_dict
+from jax_uncond.training.optim import make_optimizer
+from jax_uncond.training.state import TrainState, create_train_state
+from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
+
+SEED_UNET_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 128, 256, 256, 512, 512),
+    "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+}
+"""diffusers' train_unconditional.py UNet (sample_size = --resolution)."""
+
+COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+INJECT_NAN_ENV = "JAX_UNCOND_TEST_INJECT_NAN_STEPS"
+"""Test hook: comma-separated (0-based) steps whose loss is made NaN."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+
+
+def say(message: str) -> None:
+    """One line for the user, from process 0 only (above the progress bar)."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def unet_config(config: Any) -> dict[str, Any]:
+    """The UNet2DModel config: the preset's `unet`, --model_config_name_or_path, else the seed example's."""
+    if config.unet is not None:
+        return dict(config.unet)
+    if config.model_config_name_or_path is None:
+        return {**SEED_UNET_CONFIG, "sample_size": config.resolution}
+    path = config.model_config_name_or_path
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, "config.json"), os.path.join(path, "unet", "config.json")]
+        found = [c for c in candidates if os.path.isfile(c)]
+        if not found:
+            raise ValueError(f"--model_config_name_or_path {path}: no config.json (or unet/config.json) in it")
+        path = found[0]
+    elif not os.path.isfile(path):
+        import huggingface_hub
+
+        path = huggingface_hub.hf_hub_download(path, "config.json", cache_dir=config.cache_dir)
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_model(config: Any) -> Any:
+    """The Flax UNet in the run's compute dtype (parameters stay float32)."""
+    from jax_uncond.models.unet_2d import FlaxUNet2DModel
+
+    return FlaxUNet2DModel.from_config(unet_config(config), dtype=COMPUTE_DTYPES[config.mixed_precision],
+                                       gradient_checkpointing=config.gradient_checkpointing)
+
+
+def build_scheduler(config: Any) -> Any:
+    """The training noise scheduler, configured as the PyTorch script's DDPMScheduler."""
+    from jax_uncond.schedulers import FlaxDDPMScheduler
+
+    return FlaxDDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
+                             prediction_type=config.prediction_type)
+
+
+def global_batch_size(config: Any, mesh: Mesh) -> int:
+    """Images per micro-batch over all devices: --global_batch_size, else --train_batch_size per device."""
+    devices = sharding.data_parallel_size(mesh)
+    size = config.global_batch_size or config.train_batch_size * devices
+    if size % devices:
+        raise ValueError(f"--global_batch_size {size} is not divisible by the {devices} devices; "
+                         f"use a multiple of {devices}")
+    return size
+
+
+def inject_nan_steps() -> tuple[int, ...]:
+    value = os.environ.get(INJECT_NAN_ENV, "")
+    return tuple(int(s) for s in value.split(",") if s.strip())
+
+
+def run(config: Any) -> None:
+    """Train as `config` says: the whole run of `train_flax.py`."""
+    joined = distributed.initialize(config)
+    cache_dir = metrics.enable_compilation_cache()
+    from jax_uncond.data.loader import make_train_loader
+    from jax_uncond.training.outputs import RunOutputs
+
+    mesh = sharding.make_mesh()
+    model = build_model(config)
+    scheduler = build_scheduler(config)
+    batch = global_batch_size(config, mesh)
+    outputs = RunOutputs(config, model, scheduler, mesh)
+    loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
+    say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
+    try:
+        train(config, model, scheduler, mesh, loader, outputs, batch, inject_nan=inject_nan_steps())
+    finally:
+        loader.close()
+
+
+@dataclasses.dataclass
+class _Preemption:
+    """SIGTERM (single process) or JAX's preemption sync point (multi-process) asks the run to stop."""
+
+    requested: bool = False
+
+    def install(self) -> Any:
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return None  # multi-process: JAX's preemption service owns SIGTERM and syncs the step
+        return signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def reached(self, manager: ckpt.Checkpoints, step: int) -> bool:
+        if jax.process_count() > 1:
+            return manager.manager.reached_preemption(step)
+        return self.requested
+
+
+def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict[str, float]]]:
+    """Host copies of the metrics of every pending step (their async copies are usually done)."""
+    out = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+    pending.clear()
+    return out
+
+
+def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any, batch_size: int, *,
+          inject_nan: tuple[int, ...] = (), stop_after: int | None = None) -> TrainState:
+    """The training loop; returns the final state. `stop_after` ends early (tests), as a kill would."""
+    jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
+    k = config.gradient_accumulation_steps
+    steps_per_epoch = loader.steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ValueError(f"the dataset has {loader.num_examples} images, fewer than one batch of "
+                         f"{batch_size * k}; lower --train_batch_size or --gradient_accumulation_steps")
+    max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    optimizer, schedule = make_optimizer(config, max_steps)
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+    fp16 = config.mixed_precision == "fp16"
+
+    def init_state() -> TrainState:
+        return create_train_state(model.init_weights(init_key), optimizer, config.use_ema, fp16)
+
+    shapes = jax.eval_shape(init_state)
+    state_sharding = sharding.state_shardings(mesh, shapes)
+    checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
+                                   config.checkpoints_total_limit)
+    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if resume is None:
+        state = jax.jit(init_state, out_shardings=state_sharding)()
+        why = "no checkpoint in the output folder" if config.resume_from_checkpoint == "latest" else "no --resume"
+        say(f"start: fresh initialisation (seed {config.seed}; {why})")
+    else:
+        directory, resume_step = resume
+        source = checkpoints if directory == checkpoints.directory else ckpt.Checkpoints(directory, 1, read_only=True)
+        state, loader_state, _ = source.restore(resume_step, ckpt.abstract_state(shapes, mesh))
+        loader.set_state(loader_state)
+        say(f"start: resuming from {source.path(resume_step)} at step {resume_step} "
+            f"(epoch {resume_step // steps_per_epoch}, {resume_step % steps_per_epoch} batches into it)")
+    start = int(jax.device_get(state.step))
+    if start >= max_steps:
+        say(f"nothing to do: the checkpoint is at step {start}, and the run ends at step {max_steps}")
+
+    step_config = StepConfig.from_config(config, inject_nan)
+    train_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule, step_config,
+                               step_key, mesh)
+    iterator: Iterator = iter(loader)
+    images_per_step = batch_size * k
+    say(f"{loader.num_examples} images, {steps_per_epoch} steps/epoch of {images_per_step} images "
+        f"({batch_size} x {k} accumulated) over {sharding.data_parallel_size(mesh)} devices; "
+        f"{max_steps} optimizer steps ({num_epochs} epochs)")
+
+    preemption = _Preemption()
+    previous_handler = preemption.install()
+    compiled = None
+    throughput = None
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last: dict[str, float] = {}
+    window = (start, time.perf_counter())
+    figures: dict[str, float] = {}
+    bar = tqdm(total=max_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
+    step = start
+    try:
+        while step < max_steps:
+            batch = next(iterator)
+            if compiled is None:
+                compiled, compile_s = compile_train_step(train_fn, state, batch, mesh)
+                throughput = metrics.Throughput(images_per_step, metrics.step_flops(compiled, k),
+                                                mesh.devices.flat[0])
+                figures["compile_s"] = compile_s
+                say(f"train step compiled in {compile_s:.1f}s")
+            with jax.transfer_guard("disallow"):
+                state, step_metrics = compiled(state, batch)
+            step += 1
+            for value in step_metrics.values():
+                value.copy_to_host_async()
+            done = _fetch(pending)
+            pending.append((step, step_metrics))
+            for done_step, values in done:
+                last = values
+                _check_finite(values, done_step, config.max_nonfinite_steps)
+                outputs.log(done_step, values)
+            if step == start + 2:
+                window = (step, time.perf_counter())  # time from here on: compile and warm-up excluded
+            elif step > start + 2:
+                figures.update(throughput.report(step - window[0], time.perf_counter() - window[1]))
+                outputs.log(step, figures)
+            bar.update(1)
+            bar.set_postfix(epoch=(step - 1) // steps_per_epoch, step=step, loss=f"{last.get('loss', math.nan):.4g}",
+                            lr=f"{last.get('lr', math.nan):.3g}", img_s=f"{figures.get('images_per_s', 0):.1f}",
+                            refresh=False)
+
+            if checkpoints.should_save(step) or step == max_steps:
+                checkpoints.save(step, state, loader.get_state(), to_dict(config))
+            if step % steps_per_epoch == 0 or step == max_steps:
+                outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
+                                  last=step == max_steps)
+            if preemption.reached(checkpoints, step):
+                if step not in checkpoints.all_steps():
+                    checkpoints.save(step, state, loader.get_state(), to_dict(config))
+                checkpoints.wait()
+                say(f"stopped by SIGTERM at step {step}: checkpoint saved in {checkpoints.path(step)}; "
+                    "rerun with --resume_from_checkpoint latest to continue")
+                break
+            if stop_after is not None and step >= stop_after:
+                break
+        for done_step, values in _fetch(pending):
+            last = values
+            _check_finite(values, done_step, config.max_nonfinite_steps)
+            outputs.log(done_step, values)
+    finally:
+        bar.close()
+        checkpoints.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    summary = {"step": step, "loss": last.get("loss", math.nan), "nonfinite_steps": int(last.get("nonfinite_total", 0)),
+               **figures}
+    if hasattr(loader, "skipped_files"):
+        summary["skipped_files"] = loader.skipped_files
+    outputs.close(summary)
+    return state
+
+
+def _check_finite(values: dict[str, float], step: int, limit: int) -> None:
+    run = int(values["nonfinite_run"])
+    if run and run >= limit:
+        raise NonFiniteError(
+            f"{run} consecutive steps up to step {step} had a non-finite loss or gradient (skipped); stopping. "
+            "The last checkpoint holds the last good weights: lower --learning_rate, try --mixed_precision bf16 "
+            "or no, and resume with --resume_from_checkpoint latest")

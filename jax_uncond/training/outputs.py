@@ -1,0 +1,259 @@
+"""Everything a run shows and leaves behind besides the progress bar and the checkpoints.
+
+`RunOutputs` checks at start-up what could otherwise fail hours later (an output path that is a
+file, a tracker that is not installed, a Hub push without token or network), then writes, on
+process 0 only: tracker events under `output_dir/logging_dir/train_unconditional` (the layout of
+diffusers' script), seeded sample grids as PNG under `output_dir/samples/`, the diffusers
+`DDPMPipeline` folder in `output_dir`, and Hub uploads of that folder and the logs (checkpoints
+excluded). The Hub token is kept out of everything written or uploaded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+from tqdm import tqdm
+
+from jax_uncond.errors import UsageError
+from jax_uncond.training.config import to_dict
+
+RUN_NAME = "train_unconditional"
+"""The tracker's run name, as in diffusers' script: TensorBoard events go to output_dir/logging_dir/RUN_NAME."""
+SAMPLES_DIR = "samples"
+"""Sample grids are written to output_dir/SAMPLES_DIR/epoch_XXXX.png."""
+CHECKPOINTS_DIR = "checkpoints"
+"""The engine's Orbax checkpoints live in output_dir/CHECKPOINTS_DIR; never uploaded."""
+HUB_IGNORE_PATTERNS = (f"{CHECKPOINTS_DIR}/*", "step_*", "epoch_*", ".*")
+SAMPLE_SEED_SALT = 0x5A3D
+"""Folded into --seed for the sample-grid noise: every grid starts from the same noise, so grids compare."""
+
+
+def output_dir_check(output_dir: str) -> None:
+    """The output path must be a folder or not exist yet."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
+
+
+def image_grid(images: np.ndarray) -> Image.Image:
+    """NHWC images in [0, 1] tiled row by row into one near-square PIL image (black where the grid is short)."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, image in enumerate(to_uint8(images)):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = image
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to uint8, rounded as diffusers' `numpy_to_pil` and the PyTorch script do."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def host_params(params: Any) -> Any:
+    """A numpy copy of a (replicated or sharded) parameter tree; a collective when arrays span processes."""
+    def fetch(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, params)
+
+
+def hub_token(config: Any) -> str:
+    """The token for --push_to_hub: --hub_token, else HF_TOKEN or the saved `hf auth login`."""
+    import huggingface_hub
+
+    token = config.hub_token or huggingface_hub.get_token()
+    if not token:
+        raise UsageError("--push_to_hub needs a Hub token: pass --hub_token, set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def create_hub_repo(config: Any, token: str) -> str:
+    """Creates (or finds) the Hub repository at start-up, so that no token or no network fails now, not at the end."""
+    import huggingface_hub
+    from huggingface_hub.errors import HTTPError
+
+    name = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+    try:
+        return huggingface_hub.create_repo(name, token=token, private=config.hub_private_repo, exist_ok=True).repo_id
+    except (HTTPError, OSError) as e:
+        raise UsageError(f"--push_to_hub: cannot create or reach the Hub repository {name!r} "
+                         f"({type(e).__name__}: {e}); check the token and the network") from e
+
+
+class _Tracker:
+    """TensorBoard (tensorboardX) or wandb, behind the two calls the run makes."""
+
+    def __init__(self, config: Any, logdir: str):
+        self.kind = config.logger
+        if self.kind == "wandb":
+            import wandb
+
+            self._run = wandb.init(project=RUN_NAME, dir=logdir, config=to_dict(config))
+        else:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=os.path.join(logdir, RUN_NAME))
+            self._writer.add_text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```", 0)
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.kind == "wandb":
+            self._run.log(dict(metrics), step=step)
+        else:
+            for name, value in metrics.items():
+                self._writer.add_scalar(name, value, step)
+
+    def images(self, step: int, epoch: int, images: np.ndarray) -> None:
+        """Samples under the PyTorch script's tag: `test_samples` (TensorBoard step = epoch, as there)."""
+        if self.kind == "wandb":
+            import wandb
+
+            self._run.log({"test_samples": [wandb.Image(i) for i in to_uint8(images)], "epoch": epoch}, step=step)
+        else:
+            self._writer.add_images("test_samples", to_uint8(images), epoch, dataformats="NHWC")
+
+    def flush(self) -> None:
+        if self.kind != "wandb":
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.kind == "wandb":
+            self._run.finish()
+        else:
+            self._writer.close()
+
+
+class RunOutputs:
+    """The run's side effects on disk, in the tracker and on the Hub; only process 0 writes.
+
+    Construct it before anything compiles: the constructor does the start-up checks. Call `log`,
+    `epoch_end` and `close` on every process (`epoch_end` gathers the parameters, a collective when
+    they span processes); the others return without writing.
+    """
+
+    def __init__(self, config: Any, model: Any, scheduler: Any, mesh: Any):
+        self.config = config
+        self.model = model
+        self.scheduler = scheduler
+        self.mesh = mesh
+        self.writes = jax.process_index() == 0
+        self._step = 0
+        self._uploads: list[concurrent.futures.Future] = []
+        self._tracker: _Tracker | None = None
+        self._repo_id: str | None = None
+        self._token: str | None = None
+        output_dir_check(config.output_dir)
+        if not self.writes:
+            return
+        if config.logger == "wandb":
+            self._check_wandb()
+        if config.push_to_hub:
+            self._token = hub_token(config)
+            self._repo_id = create_hub_repo(config, self._token)
+        os.makedirs(config.output_dir, exist_ok=True)
+        self._tracker = _Tracker(config, os.path.join(config.output_dir, config.logging_dir))
+
+    def _check_wandb(self) -> None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as e:
+            raise UsageError("--logger wandb needs the wandb package: pip install wandb "
+                             "(or use --logger tensorboard)") from e
+        if self.config.hub_token:
+            raise UsageError("--logger wandb records the command line, which would expose --hub_token; "
+                             "set HF_TOKEN or run `hf auth login` instead")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Scalars (loss, lr, ...) at an optimizer step."""
+        self._step = step
+        if self._tracker is not None:
+            self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()})
+
+    def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
+        """After 0-based `epoch`: a sample grid and/or the pipeline folder when due, as the PyTorch script.
+
+        Grids are due when `epoch % --save_images_epochs == 0` or `last`; the pipeline (holding
+        `params`, the EMA weights with --use_ema) when `epoch % --save_model_epochs == 0` or `last`.
+        """
+        images_due = last or epoch % self.config.save_images_epochs == 0
+        model_due = last or epoch % self.config.save_model_epochs == 0
+        if not (images_due or model_due):
+            return
+        params = host_params(params)
+        if not self.writes:
+            return
+        if images_due:
+            self.save_samples(epoch, params)
+        if model_due:
+            self.save_pipeline(params)
+            if self._repo_id is not None:
+                self._upload(f"Epoch {epoch}")
+
+    def pipeline(self) -> Any:
+        from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
+
+        return FlaxDDPMPipeline(unet=self.model, scheduler=self.scheduler)
+
+    def sample(self, params: Any) -> np.ndarray:
+        """--eval_batch_size images (NHWC in [0, 1]) from the same seeded noise every time."""
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), SAMPLE_SEED_SALT)
+        return np.asarray(self.pipeline()({"unet": params}, rng, batch_size=self.config.eval_batch_size,
+                                          num_inference_steps=self.config.ddpm_num_inference_steps,
+                                          output_type="np").images)
+
+    def save_samples(self, epoch: int, params: Any) -> str:
+        """Samples the grid, logs it to the tracker and writes output_dir/samples/epoch_XXXX.png; returns the path."""
+        images = self.sample(params)
+        path = os.path.join(self.config.output_dir, SAMPLES_DIR, f"epoch_{epoch:04d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image_grid(images).save(path)
+        self._tracker.images(self._step, epoch, images)
+        self._tracker.flush()
+        tqdm.write(f"epoch {epoch}: samples in {path}")
+        return path
+
+    def save_pipeline(self, params: Any) -> None:
+        """The DDPMPipeline folder (model_index.json, unet/, scheduler/) in output_dir."""
+        self._wait_uploads()  # an upload still reading the previous files must not see them change
+        self.pipeline().save_pretrained(self.config.output_dir, {"unet": params})
+        tqdm.write(f"pipeline saved in {self.config.output_dir}")
+
+    def _upload(self, message: str) -> None:
+        import huggingface_hub
+
+        self._tracker.flush()
+        self._uploads.append(huggingface_hub.upload_folder(
+            repo_id=self._repo_id, folder_path=self.config.output_dir, commit_message=message,
+            ignore_patterns=list(HUB_IGNORE_PATTERNS), token=self._token, run_as_future=True))
+
+    def _wait_uploads(self) -> None:
+        from huggingface_hub.errors import HTTPError
+
+        uploads, self._uploads = self._uploads, []
+        for future in uploads:
+            try:
+                future.result()
+            except (HTTPError, OSError) as e:
+                raise RuntimeError(f"upload of {self.config.output_dir} to the Hub repository {self._repo_id} failed "
+                                   f"({type(e).__name__}: {e}); the files are saved locally: upload them with "
+                                   f"`hf upload {self._repo_id} {self.config.output_dir}`") from e
+
+    def close(self, summary: Mapping[str, Any]) -> None:
+        """Waits for uploads, closes the tracker and prints the run's summary as one line."""
+        if not self.writes:
+            return
+        self._wait_uploads()
+        self._tracker.close()
+        fields = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        tqdm.write(f"done: {fields} output_dir={self.config.output_dir}")

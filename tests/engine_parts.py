@@ -1,0 +1,104 @@
+"""Shared parts for the engine tests: a tiny config, the tiny UNet, in-memory data and a recording
+RunOutputs stand-in, so the loop runs without datasets, trackers or pipelines."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jax_uncond.training import sharding
+from jax_uncond.training.config import parse_args
+
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
+NUM_IMAGES = 64
+
+
+def tiny_config(output_dir: str, *flags: str, **overrides: Any) -> Any:
+    """A TrainConfig for an 8x8 run on the tiny UNet; `flags` as on the command line."""
+    argv = ["--output_dir", str(output_dir), "--resolution", "8", "--global_batch_size", "8",
+            "--max_train_steps", "6", "--checkpointing_steps", "2", "--lr_warmup_steps", "2",
+            "--learning_rate", "1e-3", "--ddpm_num_steps", "100", "--use_ema", *flags]
+    config = parse_args(argv)
+    return dataclasses.replace(config, unet=dict(TINY_UNET), **overrides)
+
+
+def build_parts(config: Any) -> tuple[Any, Any]:
+    from jax_uncond.training.loop import build_model, build_scheduler
+
+    return build_model(config), build_scheduler(config)
+
+
+class ArrayLoader:
+    """The data loader's interface over fixed random images: epoch e's order is a permutation
+    seeded by (seed, e); the position is the number of global batches consumed."""
+
+    def __init__(self, mesh: Any, batch_size: int, seed: int = 0, num_examples: int = NUM_IMAGES,
+                 resolution: int = 8):
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_examples = num_examples
+        self.steps_per_epoch = num_examples // batch_size
+        rng = np.random.default_rng(1234)
+        self.images = rng.uniform(-1, 1, (num_examples, 3, resolution, resolution)).astype(np.float32)
+        self.position = 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+    def batch(self, index: int) -> np.ndarray:
+        epoch, i = divmod(index, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        return self.images[order[i * self.batch_size:(i + 1) * self.batch_size]]
+
+    def __iter__(self):
+        while True:
+            rows = self.batch(self.position)
+            self.position += 1
+            array = jax.make_array_from_callback(rows.shape, sharding.batch_sharding(self.mesh), lambda idx: rows[idx])
+            yield {"images": array}
+
+
+class RecordingOutputs:
+    """RunOutputs' interface, remembering what the loop reported instead of writing it."""
+
+    def __init__(self):
+        self.logs: dict[int, dict[str, float]] = {}
+        self.epochs: list[tuple[int, bool]] = []
+        self.summary: dict[str, Any] | None = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.logs.setdefault(step, {}).update(metrics)
+
+    def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
+        self.epochs.append((epoch, last))
+
+    def close(self, summary: dict[str, Any]) -> None:
+        self.summary = dict(summary)
+
+    def losses(self) -> list[float]:
+        return [self.logs[s]["loss"] for s in sorted(self.logs) if "loss" in self.logs[s]]
+
+
+def host_state(state: Any) -> dict[str, np.ndarray]:
+    """Every leaf of a TrainState as numpy, keyed by its path (for exact comparisons)."""
+    def fetch(leaf: Any) -> np.ndarray:  # replicated: any one shard is the whole value
+        return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return {jax.tree_util.keystr(path): fetch(leaf) for path, leaf in leaves}

@@ -1,0 +1,165 @@
+"""The user journey end to end: train_flax.py on an image folder -> a folder diffusers loads -> resume -> export.
+
+Each run is a real `python train_flax.py ...` subprocess, so the command line, the exit codes and the
+device count (XLA_FLAGS) are the user's. Tiny UNet, 16x16 images, a few steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_UNET = {
+    "_class_name": "UNet2DModel",
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
+NUM_IMAGES = 16
+
+
+def env_with_devices(n: int) -> dict:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train(args, devices, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_flax.py"), *map(str, args)],
+                          env=env_with_devices(devices), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_flax.py exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """An image folder of simple, structured 20x20 images, and the tiny UNet's config.json."""
+    root = tmp_path_factory.mktemp("e2e")
+    images = root / "images" / "nested"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(NUM_IMAGES):
+        array = np.zeros((20, 20, 3), np.uint8)
+        array[:, :, i % 3] = 200
+        array[rng.integers(0, 10):, rng.integers(0, 10):, (i + 1) % 3] = 255
+        Image.fromarray(array).save(images / f"img_{i:02d}.png")
+    model_config = root / "unet_config.json"
+    model_config.write_text(json.dumps(TINY_UNET))
+    return root
+
+
+def common_args(workspace, output_dir):
+    return ["--train_data_dir", workspace / "images", "--model_config_name_or_path", workspace / "unet_config.json",
+            "--output_dir", output_dir, "--resolution", 16, "--center_crop", "--random_flip",
+            "--use_ema", "--checkpointing_steps", 2, "--save_images_epochs", 1, "--save_model_epochs", 1,
+            "--eval_batch_size", 2, "--ddpm_num_inference_steps", 3, "--lr_warmup_steps", 1,
+            "--learning_rate", 1e-3, "--seed", 3]
+
+
+def safetensors_of(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def checkpoint_steps(output_dir):
+    names = os.listdir(os.path.join(output_dir, "checkpoints"))
+    return sorted(int(n.split("_")[-1]) for n in names if n.startswith("checkpoint_") and n.split("_")[-1].isdigit())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,per_device_batch", [(1, 8), (4, 2)])
+def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch):
+    output_dir = tmp_path / "run"
+    args = common_args(workspace, output_dir) + ["--train_batch_size", per_device_batch]
+    # 16 images, global batch 8: 2 steps per epoch; 2 epochs -> checkpoints at steps 2 and 4.
+    train(args + ["--num_epochs", 2], devices)
+    assert (output_dir / "model_index.json").is_file()
+    assert checkpoint_steps(output_dir) == [2, 4]
+    assert sorted(os.listdir(output_dir / "samples")) == ["epoch_0000.png", "epoch_0001.png"]
+    grid = np.asarray(Image.open(output_dir / "samples" / "epoch_0001.png"))
+    assert grid.shape == (16, 32, 3)
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(output_dir / "logs") for name in files)
+    first = safetensors_of(output_dir)
+
+    import torch
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert isinstance(pipeline, DDPMPipeline)
+    image = pipeline(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+    resumed = train(args + ["--num_epochs", 3, "--resume_from_checkpoint", "latest"], devices)
+    assert "checkpoint_4" in resumed.stdout + resumed.stderr  # the start-up decision names where it resumes
+    assert checkpoint_steps(output_dir) == [2, 4, 6]  # continued from step 4, not from 0
+    assert sorted(os.listdir(output_dir / "samples"))[-1] == "epoch_0002.png"
+    final = safetensors_of(output_dir)
+    assert any(not np.array_equal(first[k], final[k]) for k in first)
+
+    exported = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "jax_uncond.export", str(output_dir), str(exported)],
+                   env=env_with_devices(1), check=True, capture_output=True, text=True, timeout=300)
+    from_checkpoint = safetensors_of(exported)  # the newest checkpoint (step 6) with its EMA weights
+    assert from_checkpoint.keys() == final.keys()
+    for key in final:
+        np.testing.assert_array_equal(from_checkpoint[key], final[key], err_msg=key)
+    with open(exported / "scheduler" / "scheduler_config.json") as f, \
+            open(output_dir / "scheduler" / "scheduler_config.json") as g:
+        assert json.load(f) == json.load(g)
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines and lines[-1].startswith("train_flax.py: error:"), proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["both_data_flags", "missing_path", "indivisible_resolution",
+                                  "indivisible_batch", "not_a_checkpoint", "output_dir_is_a_file"])
+def test_bad_invocation_is_one_line_and_exit_2(workspace, tmp_path, case):
+    args = common_args(workspace, tmp_path / "run") + ["--train_batch_size", 2, "--num_epochs", 1]
+    devices = 1
+    expected = {
+        "both_data_flags": "--dataset_name",
+        "missing_path": "does-not-exist",
+        "indivisible_resolution": "resolution",
+        "indivisible_batch": "global_batch_size",
+        "not_a_checkpoint": "--resume_from_checkpoint",
+        "output_dir_is_a_file": "--output_dir",
+    }[case]
+    if case == "both_data_flags":
+        args += ["--dataset_name", "some/dataset"]
+    elif case == "missing_path":
+        args[args.index("--train_data_dir") + 1] = workspace / "does-not-exist"
+    elif case == "indivisible_resolution":
+        args[args.index("--resolution") + 1] = 15  # the UNet halves its input once: 15 does not divide
+    elif case == "indivisible_batch":
+        args += ["--global_batch_size", 6]
+        devices = 4
+    elif case == "not_a_checkpoint":
+        (tmp_path / "not_a_checkpoint").mkdir()
+        args += ["--resume_from_checkpoint", tmp_path / "not_a_checkpoint"]
+    elif case == "output_dir_is_a_file":
+        (tmp_path / "run").write_text("a file")
+    line = one_line_error(train(args, devices, check=False))
+    assert expected in line, line
