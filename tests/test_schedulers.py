@@ -97,19 +97,20 @@ def test_trained_betas_and_ddim_final_alpha_match_diffusers():
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("num_train_timesteps", [1000, 37])
 def test_set_timesteps_equals_diffusers(num_train_timesteps, spacing, steps_offset):
-    config = dict(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset)
+    num_train = num_train_timesteps
+    config = dict(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
     for flax_cls, torch_cls in ((FlaxDDPMScheduler, DDPMScheduler), (FlaxDDIMScheduler, DDIMScheduler)):
         ours, ref = flax_cls(**config), torch_cls(**config)
         state = ours.create_state()
-        for steps in sorted({1, 3, 10, 50, num_train_timesteps - 1, num_train_timesteps} & set(range(1, num_train_timesteps + 1))):
-            if spacing == "leading" and steps_offset and num_train_timesteps // steps * (steps - 1) + 1 >= num_train_timesteps:
+        for steps in sorted({1, 3, 10, 50, num_train - 1, num_train} & set(range(1, num_train + 1))):
+            if spacing == "leading" and steps_offset and num_train // steps * (steps - 1) + 1 >= num_train:
                 with pytest.raises(ValueError, match="steps_offset"):
                     ours.set_timesteps(state, steps)
                 continue
             ref.set_timesteps(steps)
             got = ours.set_timesteps(state, steps)
             assert got.num_inference_steps == steps
-            np.testing.assert_array_equal(_np(got.timesteps), _np(ref.timesteps), err_msg=f"{flax_cls.__name__} {steps}")
+            np.testing.assert_array_equal(_np(got.timesteps), _np(ref.timesteps), err_msg=f"{flax_cls} {steps}")
 
 
 def test_ddpm_custom_timesteps_equal_diffusers():
@@ -214,7 +215,8 @@ def test_ddpm_step_full_sample_with_diffusers_noise():
     for t in (960, 400, 0):
         want = ref.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), generator=torch.manual_seed(t))
         noise = torch.randn(SHAPE, generator=torch.manual_seed(t))
-        got = ours.step(state, jnp.asarray(model_output), t, jnp.asarray(sample), variance_noise=jnp.asarray(_np(noise)))
+        noise = jnp.asarray(_np(noise))
+        got = ours.step(state, jnp.asarray(model_output), t, jnp.asarray(sample), variance_noise=noise)
         np.testing.assert_allclose(_np(got.prev_sample), _np(want.prev_sample), rtol=0, atol=1e-5)
         np.testing.assert_allclose(_np(got.pred_original_sample), _np(want.pred_original_sample), rtol=0, atol=1e-5)
 
@@ -281,7 +283,8 @@ def test_ddim_step_matches_diffusers(prediction_type, clip_mode):
                     ref.set_timesteps(steps)
                     for j, t in enumerate(timesteps[i].tolist()):
                         want = ref.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), eta=eta,
-                                        use_clipped_model_output=clipped, variance_noise=torch.from_numpy(noise))  # fmt: skip
+                                        use_clipped_model_output=clipped,
+                                        variance_noise=torch.from_numpy(noise))  # fmt: skip
                         where = f"set_alpha_to_one={set_alpha_to_one} {spacing} steps={steps} eta={eta} t={t}"
                         for name in ("prev_sample", "pred_original_sample"):
                             np.testing.assert_allclose(_np(getattr(got, name)[i, j]), _np(getattr(want, name)),

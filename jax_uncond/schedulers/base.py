@@ -14,12 +14,12 @@ import os
 from typing import Any, ClassVar, Mapping
 
 import jax
+import numpy as np
 
 from jax_uncond.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    CommonSchedulerState,
     add_noise_common,
     get_velocity_common,
     make_betas,
@@ -160,14 +160,18 @@ class FlaxSchedulerBase:
         with open(os.path.join(save_directory, SCHEDULER_CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def _common_state(self) -> CommonSchedulerState:
-        """The betas/alphas arrays of this config."""
+    def _betas(self) -> np.ndarray:
+        """The float32 betas of this config (host-side)."""
         c = self._config
-        betas = make_betas(
+        return make_betas(
             c["num_train_timesteps"], c["beta_start"], c["beta_end"], c["beta_schedule"], c["trained_betas"],
             c["rescale_betas_zero_snr"],
         )  # fmt: skip
-        return CommonSchedulerState.create(betas)
+
+    def _state_arrays(self, timesteps: np.ndarray, **scalars: float) -> dict[str, jax.Array]:
+        """Int32 `timesteps` and float32 scalars, transferred explicitly (fine under a transfer guard)."""
+        arrays = {"timesteps": timesteps.astype(np.int32), **{k: np.float32(v) for k, v in scalars.items()}}
+        return jax.device_put(arrays)
 
     def scale_model_input(self, state: Any, sample: jax.Array, timestep: int | None = None) -> jax.Array:
         """DDPM and DDIM do not scale the model input (kept for interchangeability with other schedulers)."""
