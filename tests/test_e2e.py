@@ -113,9 +113,10 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
     final = safetensors_of(output_dir)
     assert any(not np.array_equal(first[k], final[k]) for k in first)
 
+    from jax_uncond import export
+
     exported = tmp_path / "exported"
-    subprocess.run([sys.executable, "-m", "jax_uncond.export", str(output_dir), str(exported)],
-                   env=env_with_devices(1), check=True, capture_output=True, text=True, timeout=300)
+    assert export.main([str(output_dir), str(exported)]) == 0
     from_checkpoint = safetensors_of(exported)  # the newest checkpoint (step 6) with its EMA weights
     assert from_checkpoint.keys() == final.keys()
     for key in final:
