@@ -279,7 +279,7 @@ class FlaxUNet2DModel(nn.Module):
 
         # 2. pre-process; 3. down
         skip_sample = x
-        x = conv2d(c0, 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
+        x = conv2d(c0, 3, padding=1, name="conv_in", **kw)(x)
         res_samples: tuple[jax.Array, ...] = (x,)
         for i, name in enumerate(self.down_block_types):
             block = self._down_block(i, canonical_block_type(name), args)
@@ -316,7 +316,7 @@ class FlaxUNet2DModel(nn.Module):
         # 6. post-process
         groups_out = self.norm_num_groups if self.norm_num_groups is not None else min(c0 // 4, 32)
         x = jax.nn.silu(GroupNorm(groups_out, self.norm_eps, name="conv_norm_out", **kw)(x))
-        x = conv2d(self.out_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
+        x = conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
         if skip_sample is not None:
             x = x + skip_sample
         if self.time_embedding_type == "fourier":
