@@ -33,7 +33,7 @@ CONFIGS = {
                                           resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4,
                                           time_embedding_dim=48, attention_head_dim=16),
     "resnet_blocks_class_table_no_mid": dict(TINY, down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
-                                             up_block_types=("UpBlock2D", "ResnetUpsampleBlock2D"),
+                                             up_block_types=("ResnetUpsampleBlock2D", "UpBlock2D"),
                                              act_fn="gelu", num_class_embeds=10, mid_block_type=None),
     "fourier_skip_sde_ve": dict(TINY, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
                                 up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), time_embedding_type="fourier",

@@ -169,8 +169,8 @@ class FlaxUNet2DModel(nn.Module):
         class_labels = None
         if self.class_embed_type == "identity":
             class_labels = jnp.zeros((1, self._time_embed_dim), jnp.float32)
-        elif self.class_embed_type == "timestep":
-            class_labels = jnp.ones((1,), jnp.float32)
+        elif self.class_embed_type == "timestep":  # labels go through the time projection
+            class_labels = timesteps
         elif self.num_class_embeds is not None:
             class_labels = jnp.zeros((1,), jnp.int32)
         return sample, timesteps, class_labels
