@@ -33,7 +33,7 @@ CONFIGS = {
                                           resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4,
                                           time_embedding_dim=48, attention_head_dim=16),
     "resnet_blocks_class_table_no_mid": dict(TINY, down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
-                                             up_block_types=("UpBlock2D", "ResnetUpsampleBlock2D"),
+                                             up_block_types=("ResnetUpsampleBlock2D", "UpBlock2D"),
                                              act_fn="gelu", num_class_embeds=10, mid_block_type=None),
     "fourier_skip_sde_ve": dict(TINY, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
                                 up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), time_embedding_type="fourier",
@@ -160,9 +160,22 @@ class Case:
         self.ref = torch_forward(self.torch_model, self.inputs)
 
 
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Build each config's Case once per module (so each forward compiles once)."""
+    built: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in built:
+            built[name] = Case(name, CONFIGS[name], tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, CONFIGS[request.param], tmp_path_factory.mktemp(request.param))
+def case(request, cases) -> Case:
+    return cases(request.param)
 
 
 def test_output_matches_diffusers(case):
@@ -239,8 +252,8 @@ def test_fourier_weight_is_frozen():
 
 # ---- knobs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def attn_case(tmp_path_factory) -> Case:
-    return Case("attn_default", CONFIGS["attn_default"], tmp_path_factory.mktemp("attn"))
+def attn_case(cases) -> Case:
+    return cases("attn_default")
 
 
 def test_scalar_timestep_broadcasts(attn_case):

@@ -262,3 +262,18 @@ def test_torch_state_dict_dtype_float_for_bf16_bin(tmp_path):
     state_dict = pytorch_io.state_dict_from_params(params)
     for key, value in torch_model.state_dict().items():
         assert np.array_equal(state_dict[key], value.float().numpy()), key
+
+
+def test_init_on_a_mesh_then_save(tmp_path):
+    """init_weights jitted straight onto 8 devices gives the same values, and saves from there."""
+    from jax_uncond.training.sharding import make_mesh, replicated
+
+    model = FlaxUNet2DModel(**SMALL)
+    key = jax.random.key(3)
+    sharded = jax.jit(model.init_weights, out_shardings=replicated(make_mesh()))(key)
+    plain = model.init_weights(key)
+    assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+    assert jax.tree.all(jax.tree.map(np.array_equal, sharded, plain))
+    model.save_pretrained(tmp_path, sharded)
+    _, params = FlaxUNet2DModel.from_pretrained(tmp_path)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, plain))

@@ -33,9 +33,15 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def conv2d(
-    features: int, kernel_size: int, *, stride: int = 1, padding: Any, dtype: Dtype, param_dtype: Dtype, name: str
+    features: int, kernel_size: int, *, stride: int = 1, padding: int | Any, dtype: Dtype, param_dtype: Dtype,
+    name: str,
 ) -> nn.Conv:
-    """nn.Conv2d's twin (square kernel, explicit padding). Initial values come from `init_weights`."""
+    """nn.Conv2d's twin: square kernel, padding an int (both sides) or ((top, bottom), (left, right)).
+
+    Initial values come from `init_weights`.
+    """
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding, dtype=dtype,
                    param_dtype=param_dtype, name=name)
 
@@ -127,7 +133,7 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding, self.padding),) * 2
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
         conv = conv2d(self.out_channels, 3, stride=2, padding=pad, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="conv")
         return conv(x)
@@ -142,7 +148,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = conv2d(self.out_channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
+        conv = conv2d(self.out_channels, 3, padding=1, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="conv")
         return conv(nearest_upsample(x))
 
@@ -180,7 +186,7 @@ class ResnetBlock2D(nn.Module):
         elif self.down:
             resample = fir_downsample if self.kernel == "fir" else avg_pool_downsample
             x, h = resample(x), resample(h)
-        h = conv2d(self.out_channels, 3, padding=((1, 1), (1, 1)), name="conv1", **kw)(h)
+        h = conv2d(self.out_channels, 3, padding=1, name="conv1", **kw)(h)
 
         proj_features = self.out_channels * (2 if self.time_embedding_norm == "scale_shift" else 1)
         t = dense(proj_features, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
@@ -191,11 +197,11 @@ class ResnetBlock2D(nn.Module):
         else:
             h = norm2(h + t)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(act(h))
-        h = conv2d(self.out_channels, 3, padding=((1, 1), (1, 1)), name="conv2", **kw)(h)
+        h = conv2d(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
 
         use_shortcut = in_channels != self.out_channels if self.use_in_shortcut is None else self.use_in_shortcut
         if use_shortcut:
-            x = conv2d(self.out_channels, 1, padding="VALID", name="conv_shortcut", **kw)(x)
+            x = conv2d(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
         return ((x + h) / self.output_scale_factor).astype(self.dtype)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -80,43 +81,54 @@ def torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, LeafRule]:
     return ".".join([_module_segment(s) for s in path[:-1]] + [rule.torch_name]), rule
 
 
-def pytorch_default_init(template: Any, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
-    """Values for every leaf of `template` (shapes) drawn as PyTorch initialises UNet2DModel.
+class InitEntry(NamedTuple):
+    """How `draw_init` fills one parameter: kind "uniform" (U(+-scale)), "normal" (N(0, scale^2)) or "const"."""
 
-    All uniform leaves come from one draw and all normal leaves from another, so the init compiles
-    fast however many tensors the model has.
-    """
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    kind: str
+    scale: float
+
+
+def init_plan(template: Any) -> tuple[InitEntry, ...]:
+    """PyTorch's default init for every leaf of `template` (a pytree of shapes), from `LEAF_RULES`."""
     flat = traverse_util.flatten_dict(template)
-    plan = {}  # path -> (kind, scale)
+    plan = []
     for path, leaf in flat.items():
         shape = tuple(leaf.shape)
-        init = torch_key(path, len(shape))[1].init
+        init, fan_in_shape = torch_key(path, len(shape))[1].init, shape
         if init == "bias":
             kernel = flat.get(path[:-1] + ("kernel",))
-            init, shape_for_fan_in = ("fan_in", tuple(kernel.shape)) if kernel is not None else ("zeros", shape)
-        else:
-            shape_for_fan_in = shape
-        if init == "fan_in":
-            plan[path] = ("uniform", 1.0 / math.sqrt(math.prod(shape_for_fan_in[:-1])))
-        else:
-            plan[path] = {"zeros": ("const", 0.0), "ones": ("const", 1.0), "normal": ("normal", 1.0),
-                          "fourier": ("normal", FOURIER_SCALE)}[init]
-    sizes = {kind: sum(math.prod(flat[p].shape) for p, (k, _) in plan.items() if k == kind)
-             for kind in ("uniform", "normal")}
+            init, fan_in_shape = ("fan_in", tuple(kernel.shape)) if kernel is not None else ("zeros", shape)
+        kind, scale = {
+            "fan_in": ("uniform", 1.0 / math.sqrt(math.prod(fan_in_shape[:-1]))),
+            "zeros": ("const", 0.0),
+            "ones": ("const", 1.0),
+            "normal": ("normal", 1.0),
+            "fourier": ("normal", FOURIER_SCALE),
+        }[init]
+        plan.append(InitEntry(path, shape, kind, scale))
+    return tuple(plan)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def draw_init(plan: tuple[InitEntry, ...], rng: jax.Array, dtype: Any = jnp.float32) -> dict:
+    """Parameters following `plan`: all uniform leaves from one draw and all normal leaves from another,
+    so the init compiles fast however many tensors the model has."""
+    sizes = {kind: sum(math.prod(e.shape) for e in plan if e.kind == kind) for kind in ("uniform", "normal")}
     uniform_key, normal_key = jax.random.split(rng)
     draws = {"uniform": jax.random.uniform(uniform_key, (sizes["uniform"],), jnp.float32, -1.0, 1.0),
              "normal": jax.random.normal(normal_key, (sizes["normal"],), jnp.float32)}
     offsets = {"uniform": 0, "normal": 0}
     out = {}
-    for path, (kind, scale) in plan.items():
-        shape = tuple(flat[path].shape)
-        if kind == "const":
-            value = jnp.full(shape, scale, jnp.float32)
+    for entry in plan:
+        if entry.kind == "const":
+            value = jnp.full(entry.shape, entry.scale, jnp.float32)
         else:
-            size = math.prod(shape)
-            value = draws[kind][offsets[kind]:offsets[kind] + size].reshape(shape) * scale
-            offsets[kind] += size
-        out[path] = value.astype(dtype)
+            start, size = offsets[entry.kind], math.prod(entry.shape)
+            value = draws[entry.kind][start:start + size].reshape(entry.shape) * entry.scale
+            offsets[entry.kind] += size
+        out[entry.path] = value.astype(dtype)
     return traverse_util.unflatten_dict(out)
 
 
