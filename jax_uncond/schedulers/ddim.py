@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_uncond.schedulers.base import FlaxSchedulerBase, _check_bool
+from jax_uncond.schedulers.base import FlaxSchedulerBase, check_bool
 from jax_uncond.schedulers.common import (
     CommonSchedulerState,
     FlaxSchedulerOutput,
@@ -67,7 +67,7 @@ class FlaxDDIMScheduler(FlaxSchedulerBase):
 
     def _validate(self, c: dict) -> None:
         super()._validate(c)
-        _check_bool("set_alpha_to_one", c["set_alpha_to_one"])
+        check_bool("set_alpha_to_one", c["set_alpha_to_one"])
 
     def create_state(self) -> DDIMSchedulerState:
         """The schedule for this config; call `set_timesteps` before `step`."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_uncond.schedulers.base import FlaxSchedulerBase, _check_choice
+from jax_uncond.schedulers.base import FlaxSchedulerBase, check_choice
 from jax_uncond.schedulers.common import (
     CommonSchedulerState,
     FlaxSchedulerOutput,
@@ -75,7 +75,7 @@ class FlaxDDPMScheduler(FlaxSchedulerBase):
 
     def _validate(self, c: dict) -> None:
         super()._validate(c)
-        _check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
+        check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
 
     def create_state(self) -> DDPMSchedulerState:
         """The schedule for this config, with all training timesteps as the inference timesteps."""
