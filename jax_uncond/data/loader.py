@@ -19,11 +19,13 @@ import sys
 from typing import Any, Iterator
 
 import grain
+import jax
 import numpy as np
 from absl import flags as absl_flags
 
 from jax_uncond.data.sources import ImageSource, load_source
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_image, transform_image
+from jax_uncond.training.sharding import batch_sharding, data_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +169,7 @@ class TrainLoader:
 
     # --- the training-side iterator
 
-    def _place(self, images: np.ndarray) -> Any:
-        import jax
-
-        from jax_uncond.training.sharding import batch_sharding
-
+    def _place(self, images: np.ndarray) -> jax.Array:
         if self.shard_options.shard_count != jax.process_count():
             raise ValueError(f"the loader was built for {self.shard_options.shard_count} processes but JAX runs "
                              f"{jax.process_count()}; iterate `iter_host()` to read a simulated share")
@@ -243,8 +241,6 @@ def transform_spec(config: Any) -> TransformSpec:
 def make_train_loader(config: Any, mesh: Any, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
-    from jax_uncond.training.sharding import data_parallel_size
-
     if mesh is not None and batch_size % data_parallel_size(mesh):
         raise ValueError(f"the global batch of {batch_size} does not split evenly over the mesh's "
                          f"{data_parallel_size(mesh)} data-parallel devices")
