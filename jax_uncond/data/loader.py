@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 from absl import flags as absl_flags
+from jax.sharding import Mesh
 
 from jax_uncond.data.sources import ImageSource, load_source
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_image, transform_image
@@ -112,8 +113,9 @@ class TrainLoader:
     """Endless iterator of global batches {"images": jax.Array (B, 3, R, R)} sharded over the mesh's data axis."""
 
     def __init__(self, source: ImageSource, spec: TransformSpec, *, global_batch_size: int, seed: int,
-                 mesh: Any = None, num_workers: int = 0, shard_options: grain.sharding.ShardOptions | None = None,
-                 prefetch: int = 2, skipped_paths: tuple[str, ...] = ()):
+                 mesh: Mesh | None = None, num_workers: int = 0,
+                 shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2,
+                 skipped_paths: tuple[str, ...] = ()):
         if shard_options is None:
             shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
         num_examples = len(source)
@@ -238,7 +240,7 @@ def transform_spec(config: Any) -> TransformSpec:
     return TransformSpec(config.resolution, config.center_crop, config.random_flip, config.preserve_input_precision)
 
 
-def make_train_loader(config: Any, mesh: Any, batch_size: int, *,
+def make_train_loader(config: Any, mesh: Mesh | None, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
     if mesh is not None and batch_size % data_parallel_size(mesh):
