@@ -228,6 +228,12 @@ class TrainLoader:
             self._device.close()
             self._device = None
 
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
 
 def transform_spec(config: Any) -> TransformSpec:
     """The augmentation flags of `config`."""
