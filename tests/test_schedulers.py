@@ -305,6 +305,19 @@ def test_ddim_step_errors():
         ours.step(state, jnp.zeros((2, 6, 4, 4)), 900, x)
 
 
+def test_step_key_draws_standard_normal_noise():
+    """`key` is shorthand for variance_noise=jax.random.normal(key, shape), in both schedulers."""
+    sample, model_output, key = jnp.asarray(_randn(14)), jnp.asarray(_randn(15)), jax.random.key(7)
+    noise = jax.random.normal(key, SHAPE)
+    for ours, kwargs in ((FlaxDDPMScheduler(), {}), (FlaxDDIMScheduler(), {"eta": 0.5})):
+        state = ours.set_timesteps(ours.create_state(), 10)
+        with_key = ours.step(state, model_output, 500, sample, key=key, **kwargs).prev_sample
+        with_noise = ours.step(state, model_output, 500, sample, variance_noise=noise, **kwargs).prev_sample
+        np.testing.assert_array_equal(_np(with_key), _np(with_noise))
+        assert np.abs(_np(with_key) - _np(ours.step(state, model_output, 500, sample, key=jax.random.key(8),
+                                                      **kwargs).prev_sample)).max() > 1e-3  # fmt: skip
+
+
 # --- configs: validation and scheduler_config.json both ways ---------------------------------------
 
 
