@@ -110,7 +110,7 @@ def test_push_to_hub_without_network_fails_at_start(tmp_path, monkeypatch, token
 
 
 def test_tensorboard_scalars_and_config_without_secret(tmp_path, fake_pipeline):
-    outputs, config = make(tmp_path, "--eval_batch_size", "4")
+    outputs, config = make(tmp_path, "--eval_batch_size", "4", "--hub_token", SECRET)
     outputs.log(1, {"loss": 0.5, "lr": 1e-4})
     outputs.log(2, {"loss": 0.25, "lr": 2e-4})
     outputs.close({"steps": 2, "loss": 0.25})
@@ -119,6 +119,12 @@ def test_tensorboard_scalars_and_config_without_secret(tmp_path, fake_pipeline):
     scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
     assert scalars[("loss", 1)] == 0.5 and scalars[("loss", 2)] == 0.25
     assert scalars[("lr", 2)] == pytest.approx(2e-4)
+    texts = [v.tensor.string_val[0].decode() for e in events for v in e.summary.value if v.tag.startswith("config")]
+    assert texts and '"eval_batch_size": 4' in texts[0] and "hub_token" not in texts[0]
+    for path in glob.glob(str(tmp_path / "run" / "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                assert SECRET.encode() not in f.read(), path
 
 
 def test_samples_are_seeded_and_saved(tmp_path, fake_pipeline):
