@@ -1,5 +1,9 @@
 """Shared parts for the engine tests: a tiny config, the tiny UNet, in-memory data and a recording
-RunOutputs stand-in, so the loop runs without datasets, trackers or pipelines."""
+RunOutputs stand-in, so the loop runs without datasets, trackers or pipelines.
+
+Every batch carries the step's NaN test hook (all False unless asked), so runs with and without
+injected NaNs share one compiled program.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 
 from jax_uncond.training import sharding
 from jax_uncond.training.config import parse_args
+from jax_uncond.training.step import INJECT_NAN_KEY
 
 TINY_UNET = {
     "sample_size": 8,
@@ -45,8 +50,9 @@ class ArrayLoader:
     seeded by (seed, e); the position is the number of global batches consumed."""
 
     def __init__(self, mesh: Any, batch_size: int, seed: int = 0, num_examples: int = NUM_IMAGES,
-                 resolution: int = 8):
+                 resolution: int = 8, nan_at: tuple[int, ...] = ()):
         self.mesh = mesh
+        self.nan_at = frozenset(nan_at)
         self.batch_size = batch_size
         self.seed = seed
         self.num_examples = num_examples
@@ -69,9 +75,12 @@ class ArrayLoader:
     def __iter__(self):
         while True:
             rows = self.batch(self.position)
+            flags = np.full((len(rows),), self.position in self.nan_at)
             self.position += 1
-            array = jax.make_array_from_callback(rows.shape, sharding.batch_sharding(self.mesh), lambda idx: rows[idx])
-            yield {"images": array}
+            yield {"images": self._place(rows), INJECT_NAN_KEY: self._place(flags)}
+
+    def _place(self, rows: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(rows.shape, sharding.batch_sharding(self.mesh), lambda idx: rows[idx])
 
 
 class RecordingOutputs:

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from engine_parts import ArrayLoader, RecordingOutputs, build_parts, host_state, tiny_config  # noqa: E402
 from jax_uncond.training import checkpoint as ckpt  # noqa: E402
 from jax_uncond.training import distributed, metrics  # noqa: E402
-from jax_uncond.training.loop import inject_nan_steps, train  # noqa: E402
+from jax_uncond.training.loop import train  # noqa: E402
 from jax_uncond.training.sharding import make_mesh  # noqa: E402
 
 
@@ -61,8 +61,7 @@ def main():
     model, scheduler = build_parts(config)
     loader = SignallingLoader(mesh, config.global_batch_size * config.gradient_accumulation_steps,
                               seed=config.seed, signal_at=signal_at, output_dir=config.output_dir)
-    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size,
-                  inject_nan=inject_nan_steps())
+    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size)
     result = host_state(state)
     if jax.process_index() == 0:
         np.savez(out_path, **result)

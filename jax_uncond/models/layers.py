@@ -1,4 +1,4 @@
-"""Leaf layers of the UNet: PyTorch-initialised conv/dense, float32 GroupNorm, FIR resampling, attention.
+"""Leaf layers of the UNet: conv/dense named like PyTorch, float32 GroupNorm, FIR resampling, attention.
 
 Module and parameter names follow diffusers' PyTorch modules so that `pytorch_io.py` can map the two
 trees with a handful of rules. Everything works on NHWC arrays.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
+from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models import pytorch_io
 from jax_uncond.models.blocks import DOWN_BLOCKS, UP_BLOCKS, BlockArgs, MidBlock, canonical_block_type
 from jax_uncond.models.embeddings import GaussianFourierProjection, TimestepEmbedding, get_timestep_embedding
@@ -35,8 +36,6 @@ CONFIG_KEYS = (
 )  # fmt: skip
 _TUPLE_KEYS = ("down_block_types", "up_block_types", "block_out_channels")
 CLASS_NAME = "UNet2DModel"
-# The diffusers release whose UNet2DModel format this module follows (written as `_diffusers_version`).
-DIFFUSERS_VERSION = "0.42.1"
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 

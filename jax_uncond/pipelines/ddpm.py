@@ -20,9 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from PIL import Image
 
+from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
-from jax_uncond.schedulers.base import DIFFUSERS_VERSION
 from jax_uncond.training.sharding import batch_sharding, make_mesh, replicated
 
 MODEL_INDEX_NAME = "model_index.json"

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping
 import jax
 import numpy as np
 
+from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
@@ -28,8 +29,6 @@ from jax_uncond.schedulers.common import (
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
-# The diffusers release whose file formats these configs follow (written as `_diffusers_version`).
-DIFFUSERS_VERSION = "0.42.1"
 
 
 def init_keys(cls: type) -> set[str]:

@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from jax_uncond.errors import UsageError
 from jax_uncond.training import sharding
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -23,6 +24,10 @@ STEP_PREFIX = "checkpoint"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be found or restored; never answered by starting over silently."""
+
+
+class CheckpointNotFoundError(CheckpointError, UsageError):
+    """`--resume_from_checkpoint` names no complete checkpoint: a bad invocation (exit code 2)."""
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -125,10 +130,10 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> tuple
         if step is not None and os.path.isdir(path):
             directory = os.path.dirname(os.path.abspath(os.path.normpath(path)))
             if step not in Checkpoints(directory, every=1, read_only=True).all_steps():
-                raise CheckpointError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is an "
+                raise CheckpointNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is an "
                                       "incomplete checkpoint (its save did not finish); pick another one")
             return directory, step
-    raise CheckpointError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder "
+    raise CheckpointNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder "
                           f"(expected `latest` or a path like {checkpoints_dir(output_dir)}/{STEP_PREFIX}_500)")
 
 

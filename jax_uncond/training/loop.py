@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jax_uncond.errors import UsageError
 from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import distributed, metrics, sharding
 from jax_uncond.training.config import to_dict
@@ -38,8 +39,6 @@ SEED_UNET_CONFIG = {
 """diffusers' train_unconditional.py UNet (sample_size = --resolution)."""
 
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-INJECT_NAN_ENV = "JAX_UNCOND_TEST_INJECT_NAN_STEPS"
-"""Test hook: comma-separated (0-based) steps whose loss is made NaN."""
 
 
 class NonFiniteError(RuntimeError):
@@ -63,7 +62,7 @@ def unet_config(config: Any) -> dict[str, Any]:
         candidates = [os.path.join(path, "config.json"), os.path.join(path, "unet", "config.json")]
         found = [c for c in candidates if os.path.isfile(c)]
         if not found:
-            raise ValueError(f"--model_config_name_or_path {path}: no config.json (or unet/config.json) in it")
+            raise UsageError(f"--model_config_name_or_path {path}: no config.json (or unet/config.json) in it")
         path = found[0]
     elif not os.path.isfile(path):
         import huggingface_hub
@@ -94,14 +93,9 @@ def global_batch_size(config: Any, mesh: Mesh) -> int:
     devices = sharding.data_parallel_size(mesh)
     size = config.global_batch_size or config.train_batch_size * devices
     if size % devices:
-        raise ValueError(f"--global_batch_size {size} is not divisible by the {devices} devices; "
+        raise UsageError(f"--global_batch_size {size} is not divisible by the {devices} devices; "
                          f"use a multiple of {devices}")
     return size
-
-
-def inject_nan_steps() -> tuple[int, ...]:
-    value = os.environ.get(INJECT_NAN_ENV, "")
-    return tuple(int(s) for s in value.split(",") if s.strip())
 
 
 def run(config: Any) -> None:
@@ -119,7 +113,7 @@ def run(config: Any) -> None:
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
     try:
-        train(config, model, scheduler, mesh, loader, outputs, batch, inject_nan=inject_nan_steps())
+        train(config, model, scheduler, mesh, loader, outputs, batch)
     finally:
         loader.close()
 
@@ -151,14 +145,14 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
     return out
 
 
-def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any, batch_size: int, *,
-          inject_nan: tuple[int, ...] = (), stop_after: int | None = None) -> TrainState:
-    """The training loop; returns the final state. `stop_after` ends early (tests), as a kill would."""
+def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any,
+          batch_size: int) -> TrainState:
+    """The training loop over global batches of `batch_size` x accumulation steps; returns the final state."""
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
     steps_per_epoch = loader.steps_per_epoch
     if steps_per_epoch < 1:
-        raise ValueError(f"the dataset has {loader.num_examples} images, fewer than one batch of "
+        raise UsageError(f"the dataset has {loader.num_examples} images, fewer than one batch of "
                          f"{batch_size * k}; lower --train_batch_size or --gradient_accumulation_steps")
     max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -189,7 +183,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     if start >= max_steps:
         say(f"nothing to do: the checkpoint is at step {start}, and the run ends at step {max_steps}")
 
-    step_config = StepConfig.from_config(config, inject_nan)
+    step_config = StepConfig.from_config(config)
     train_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule, step_config,
                                step_key, mesh)
     iterator: Iterator = iter(loader)
@@ -249,8 +243,6 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 checkpoints.wait()
                 say(f"stopped by SIGTERM at step {step}: checkpoint saved in {checkpoints.path(step)}; "
                     "rerun with --resume_from_checkpoint latest to continue")
-                break
-            if stop_after is not None and step >= stop_after:
                 break
         for done_step, values in _fetch(pending):
             last = values
