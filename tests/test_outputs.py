@@ -249,3 +249,34 @@ def test_wandb_with_hub_token_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
     with pytest.raises(UsageError, match="expose --hub_token.*HF_TOKEN"):
         make(tmp_path, "--logger", "wandb", "--hub_token", SECRET)
+
+
+def test_wandb_gets_config_scalars_and_samples(tmp_path, monkeypatch, fake_pipeline):
+    import sys
+    import types
+
+    logged = {}
+
+    class Run:
+        def log(self, data, step):
+            logged.setdefault(step, []).append(data)
+
+        def finish(self):
+            logged["finished"] = True
+
+    def init(**kwargs):
+        logged["init"] = kwargs
+        return Run()
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = init
+    wandb.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    outputs, _ = make(tmp_path, "--logger", "wandb", "--eval_batch_size", "2", "--save_model_epochs", "100")
+    outputs.log(3, {"loss": 0.5})
+    outputs.epoch_end(0, {"w": np.float32(1.0)}, last=False)
+    outputs.close({})
+    assert logged["init"]["project"] == out.RUN_NAME and "hub_token" not in logged["init"]["config"]
+    assert logged[3][0] == {"loss": 0.5}
+    assert logged[3][1]["epoch"] == 0 and logged[3][1]["test_samples"] == [("image", (8, 8, 3))] * 2
+    assert logged["finished"]
