@@ -42,7 +42,7 @@ PRESETS = {
 def jax_images_per_s(config, steps: int) -> dict[str, float]:
     mesh = sharding.make_mesh(jax.local_devices())
     model, scheduler = build_model(config), build_scheduler(config)
-    optimizer, schedule = make_optimizer(config, 10_000)
+    optimizer, schedule = make_optimizer(config, 10_000, model)
     key = jax.random.key(0)
     state = jax.jit(lambda: create_train_state(model.init_weights(key), optimizer, config.use_ema, False),
                     out_shardings=sharding.replicated(mesh))()

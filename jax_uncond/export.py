@@ -56,7 +56,7 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
     from jax_uncond.training.optim import make_optimizer
     from jax_uncond.training.state import create_train_state
 
-    optimizer, _ = make_optimizer(config, 1)
+    optimizer, _ = make_optimizer(config, 1, model)
     shapes = jax.eval_shape(lambda: create_train_state(model.init_weights(jax.random.key(0)), optimizer,
                                                        config.use_ema, config.mixed_precision == "fp16"))
     mesh = sharding.make_mesh(jax.devices()[:1])

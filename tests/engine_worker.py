@@ -61,7 +61,8 @@ def main():
     model, scheduler = build_parts(config)
     loader = SignallingLoader(mesh, config.global_batch_size * config.gradient_accumulation_steps,
                               seed=config.seed, signal_at=signal_at, output_dir=config.output_dir)
-    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size)
+    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size,
+                  ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir))
     result = host_state(state)
     if jax.process_index() == 0:
         np.savez(out_path, **result)

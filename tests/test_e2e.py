@@ -137,16 +137,10 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err
 
 
-def needs_usage_error(owner, *, run=True):
-    """A case whose check lives in another module that does not raise jax_uncond.errors.UsageError yet."""
-    return pytest.mark.xfail(reason=f"{owner} must raise jax_uncond.errors.UsageError", run=run)
-
-
 @pytest.mark.parametrize("case", [
     "both_data_flags",
-    pytest.param("missing_path", marks=needs_usage_error("data: sources (missing --train_data_dir)")),
-    # not run: without the start-up check the run compiles before it fails, which costs a minute
-    pytest.param("indivisible_resolution", marks=needs_usage_error("engine: loop (resolution vs UNet)", run=False)),
+    "missing_path",
+    "indivisible_resolution",
     "indivisible_batch",
     "not_a_checkpoint",
     "output_dir_is_a_file",

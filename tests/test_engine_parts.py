@@ -164,3 +164,22 @@ def test_loss_matches_the_pytorch_formulas(prediction_type, snr_gamma):
             weights = weights / (snr + 1)
     expected = (per_example * weights).mean().item()
     np.testing.assert_allclose(float(got), expected, rtol=2e-5)
+
+
+def test_frozen_fourier_weights_are_never_updated():
+    """diffusers freezes GaussianFourierProjection's weight (requires_grad=False): no step and no weight
+    decay may move it, while every other tensor is updated."""
+    from jax_uncond.models.unet_2d import FlaxUNet2DModel
+    from jax_uncond.training.config import parse_args
+    from jax_uncond.training.optim import make_optimizer
+
+    model = FlaxUNet2DModel(sample_size=8, block_out_channels=(32, 64), norm_num_groups=8,
+                            time_embedding_type="fourier", flip_sin_to_cos=False,
+                            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+    optimizer, _ = make_optimizer(parse_args(["--adam_weight_decay", "0.1", "--lr_warmup_steps", "0"]), 10, model)
+    updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), optimizer.init(params), params)
+    assert not np.any(np.asarray(updates["time_proj"]["weight"]))
+    moved = [k for k, v in jax.tree_util.tree_leaves_with_path(updates) if np.any(np.asarray(v))]
+    assert len(moved) == len(jax.tree.leaves(params)) - 1

@@ -31,7 +31,8 @@ def run(config, devices, nan_at=()):
     k = config.gradient_accumulation_steps
     loader = ArrayLoader(mesh, config.global_batch_size * k, seed=config.seed, nan_at=nan_at)
     outputs = RecordingOutputs()
-    state = train(config, model, scheduler, mesh, loader, outputs, config.global_batch_size)
+    state = train(config, model, scheduler, mesh, loader, outputs, config.global_batch_size,
+                  ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir))
     return host_state(state), outputs
 
 
@@ -84,7 +85,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     assert checkpoints.all_steps() == [2, 4, 6]
     mesh = make_mesh(jax.devices()[:8])
     model, _ = build_parts(config)
-    optimizer, _ = make_optimizer(config, 6)
+    optimizer, _ = make_optimizer(config, 6, model)
     shapes = jax.eval_shape(lambda: create_train_state(model.init_weights(jax.random.key(0)), optimizer, True, False))
     restored = {s: host_state(checkpoints.restore(s, ckpt.abstract_state(shapes, mesh))[0]) for s in (2, 4, 6)}
     assert int(restored[2][".nonfinite_total"]) == 1 and int(restored[2][".ema_step"]) == 1

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from jax_uncond.data.sources import ImageSource, load_source
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_image, transform_image
+from jax_uncond.errors import UsageError
 from jax_uncond.training.sharding import batch_sharding, data_parallel_size
 
 logger = logging.getLogger(__name__)
@@ -120,14 +121,14 @@ class TrainLoader:
             shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
         num_examples = len(source)
         if num_examples < global_batch_size:
-            raise ValueError(f"the dataset has {num_examples} usable images, fewer than one global batch of "
+            raise UsageError(f"the dataset has {num_examples} usable images, fewer than one global batch of "
                              f"{global_batch_size}; use a smaller --train_batch_size/--global_batch_size or "
                              "more images")
         if global_batch_size % shard_options.shard_count:
-            raise ValueError(f"the global batch of {global_batch_size} does not split evenly over "
+            raise UsageError(f"the global batch of {global_batch_size} does not split evenly over "
                              f"{shard_options.shard_count} processes")
         if seed < 0:
-            raise ValueError(f"--seed must be non-negative for the data order, got {seed}")
+            raise UsageError(f"--seed must be non-negative for the data order, got {seed}")
         self.source = source
         self.spec = spec
         self.seed = seed
@@ -173,7 +174,7 @@ class TrainLoader:
 
     def _place(self, images: np.ndarray) -> jax.Array:
         if self.shard_options.shard_count != jax.process_count():
-            raise ValueError(f"the loader was built for {self.shard_options.shard_count} processes but JAX runs "
+            raise UsageError(f"the loader was built for {self.shard_options.shard_count} processes but JAX runs "
                              f"{jax.process_count()}; iterate `iter_host()` to read a simulated share")
         shape = (self.global_batch_size, *images.shape[1:])
         return jax.make_array_from_process_local_data(batch_sharding(self.mesh), images, shape)
@@ -217,7 +218,7 @@ class TrainLoader:
         """Continue at the position `get_state` gave; the next batch is the one an uninterrupted run gets next."""
         for key in ("seed", "num_examples", "global_batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"the saved data position belongs to a run with {key}={state[key]}, but this run "
+                raise UsageError(f"the saved data position belongs to a run with {key}={state[key]}, but this run "
                                  f"has {key}={getattr(self, key)}; resume with the same data, --seed and batch size")
         self.close()
         self._position = int(state["batches"])
@@ -244,7 +245,7 @@ def make_train_loader(config: Any, mesh: Mesh | None, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
     if mesh is not None and batch_size % data_parallel_size(mesh):
-        raise ValueError(f"the global batch of {batch_size} does not split evenly over the mesh's "
+        raise UsageError(f"the global batch of {batch_size} does not split evenly over the mesh's "
                          f"{data_parallel_size(mesh)} data-parallel devices")
     source, skipped = load_source(config)
     return TrainLoader(source, transform_spec(config), global_batch_size=batch_size, seed=config.seed, mesh=mesh,

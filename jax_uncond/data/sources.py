@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from jax_uncond.data.builtin import BuiltinShapes
+from jax_uncond.errors import UsageError
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def choose_image_column(features: dict[str, Any], requested: str | None, origin:
     columns = list(features)
     if requested is not None:
         if requested not in features:
-            raise ValueError(f"--image_column {requested!r} is not a column of {origin}; its columns: {columns}")
+            raise UsageError(f"--image_column {requested!r} is not a column of {origin}; its columns: {columns}")
         return requested
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
@@ -100,7 +101,7 @@ def choose_image_column(features: dict[str, Any], requested: str | None, origin:
     for name in DEFAULT_IMAGE_COLUMNS:
         if name in features:
             return name
-    raise ValueError(f"{origin} has no Image column and none named {' or '.join(DEFAULT_IMAGE_COLUMNS)}; "
+    raise UsageError(f"{origin} has no Image column and none named {' or '.join(DEFAULT_IMAGE_COLUMNS)}; "
                      f"pick one with --image_column. Its columns: {columns}")
 
 
@@ -137,12 +138,12 @@ def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | 
     import datasets
 
     if not os.path.isdir(data_dir):
-        raise ValueError(f"--train_data_dir {data_dir}: no such folder")
+        raise UsageError(f"--train_data_dir {data_dir}: no such folder")
     extensions = _image_extensions()
     has_images = any(os.path.splitext(name)[1].lower() in extensions
                      for _, _, names in os.walk(data_dir) for name in names)
     if not has_images:
-        raise ValueError(f"--train_data_dir {data_dir}: no image files (.png, .jpg, .webp, ... any extension "
+        raise UsageError(f"--train_data_dir {data_dir}: no image files (.png, .jpg, .webp, ... any extension "
                          "PIL reads) in it or its subfolders")
     dataset = datasets.load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir, split="train")
     column = choose_image_column(dataset.features, image_column, f"--train_data_dir {data_dir}")
@@ -150,7 +151,7 @@ def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | 
     paths = [record["path"] for record in source._dataset[column]]
     rows, bad = _readable_rows(paths)
     if len(rows) == 0:
-        raise ValueError(f"--train_data_dir {data_dir}: none of its {len(paths)} image files can be read")
+        raise UsageError(f"--train_data_dir {data_dir}: none of its {len(paths)} image files can be read")
     return DatasetsSource(dataset, column, data_dir, rows), bad
 
 
@@ -165,13 +166,13 @@ def load_hf_dataset(name: str, config_name: str | None, cache_dir: str | None, i
         dataset = datasets.load_from_disk(name)
         if isinstance(dataset, datasets.DatasetDict):
             if "train" not in dataset:
-                raise ValueError(f"{origin}: no 'train' split; its splits: {list(dataset)}")
+                raise UsageError(f"{origin}: no 'train' split; its splits: {list(dataset)}")
             dataset = dataset["train"]
     else:
         try:
             dataset = datasets.load_dataset(name, config_name, cache_dir=cache_dir, split="train")
         except (FileNotFoundError, ConnectionError) as e:
-            raise ValueError(f"{origin}: neither a local dataset folder nor a dataset that can be loaded from "
+            raise UsageError(f"{origin}: neither a local dataset folder nor a dataset that can be loaded from "
                              f"the Hub ({type(e).__name__}: {e})") from e
     column = choose_image_column(dataset.features, image_column, origin)
     return DatasetsSource(dataset, column, name)
@@ -182,7 +183,7 @@ def parse_tfds_name(spec: str, config_name: str | None) -> tuple[str, str]:
     body = spec[len(TFDS_PREFIX):]
     name, _, split = body.partition(":")
     if not name:
-        raise ValueError(f"--dataset_name {spec}: expected tfds:NAME[/CONFIG][:SPLIT]")
+        raise UsageError(f"--dataset_name {spec}: expected tfds:NAME[/CONFIG][:SPLIT]")
     if config_name and "/" not in name:
         name = f"{name}/{config_name}"
     return name, split or "train"
@@ -202,7 +203,7 @@ def load_tfds(spec: str, config_name: str | None, data_dir: str | None, image_co
         images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
         column = images[0] if images else next((c for c in DEFAULT_IMAGE_COLUMNS if c in features), None)
     if column not in features:
-        raise ValueError(f"--dataset_name {spec}: no image feature"
+        raise UsageError(f"--dataset_name {spec}: no image feature"
                          f"{'' if image_column is None else ' ' + repr(image_column)}; pick one with --image_column. "
                          f"Its features: {list(features)}")
     return TFDSSource(source, column, spec)

@@ -73,11 +73,19 @@ def unet_config(config: Any) -> dict[str, Any]:
 
 
 def build_model(config: Any) -> Any:
-    """The Flax UNet in the run's compute dtype (parameters stay float32)."""
+    """The Flax UNet in the run's compute dtype (parameters stay float32); a bad config is a usage error."""
     from jax_uncond.models.unet_2d import FlaxUNet2DModel
 
-    return FlaxUNet2DModel.from_config(unet_config(config), dtype=COMPUTE_DTYPES[config.mixed_precision],
-                                       gradient_checkpointing=config.gradient_checkpointing)
+    try:
+        model = FlaxUNet2DModel.from_config(unet_config(config), dtype=COMPUTE_DTYPES[config.mixed_precision],
+                                            gradient_checkpointing=config.gradient_checkpointing)
+    except ValueError as e:
+        raise UsageError(f"the UNet config ({config.model_config_name_or_path or 'preset or default'}): {e}") from e
+    factor = 2 ** (len(model.block_out_channels) - 1)
+    if config.resolution % factor:
+        raise UsageError(f"--resolution {config.resolution} must be a multiple of {factor}: the UNet's "
+                         f"{len(model.block_out_channels)} levels halve it {len(model.block_out_channels) - 1} times")
+    return model
 
 
 def build_scheduler(config: Any) -> Any:
@@ -107,13 +115,16 @@ def run(config: Any) -> None:
 
     mesh = sharding.make_mesh()
     model = build_model(config)
+    # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
+    config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
     scheduler = build_scheduler(config)
     batch = global_batch_size(config, mesh)
+    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     outputs = RunOutputs(config, model, scheduler, mesh)
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
     try:
-        train(config, model, scheduler, mesh, loader, outputs, batch)
+        train(config, model, scheduler, mesh, loader, outputs, batch, resume)
     finally:
         loader.close()
 
@@ -146,8 +157,11 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 
 
 def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any,
-          batch_size: int) -> TrainState:
-    """The training loop over global batches of `batch_size` x accumulation steps; returns the final state."""
+          batch_size: int, resume: tuple[str, int] | None) -> TrainState:
+    """The training loop over global batches of `batch_size` x accumulation steps; returns the final state.
+
+    `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh.
+    """
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
     steps_per_epoch = loader.steps_per_epoch
@@ -156,7 +170,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                          f"{batch_size * k}; lower --train_batch_size or --gradient_accumulation_steps")
     max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    optimizer, schedule = make_optimizer(config, max_steps)
+    optimizer, schedule = make_optimizer(config, max_steps, model)
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
     fp16 = config.mixed_precision == "fp16"
 
@@ -167,7 +181,6 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     state_sharding = sharding.state_shardings(mesh, shapes)
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
                                    config.checkpoints_total_limit)
-    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if resume is None:
         state = jax.jit(init_state, out_shardings=state_sharding)()
         why = "no checkpoint in the output folder" if config.resume_from_checkpoint == "latest" else "no --resume"

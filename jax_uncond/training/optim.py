@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -68,16 +69,23 @@ def lr_schedule(name: str, learning_rate: float, num_warmup_steps: int, num_trai
     return schedule
 
 
-def make_optimizer(config: Any, num_training_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config: Any, num_training_steps: int, model: Any) -> tuple[optax.GradientTransformation,
+                                                                            optax.Schedule]:
     """Global-norm clipping at 1.0, then AdamW with the config's betas, epsilon and weight decay.
 
     The gradients reaching it are already the mean over the whole global batch (the compiler
-    inserts the cross-device reduction), so the clip sees the same norm as PyTorch's does.
+    inserts the cross-device reduction), so the clip sees the same norm as PyTorch's does. Tensors
+    `model.trainable_mask` marks frozen (diffusers' `requires_grad=False` Fourier weights) are never
+    updated, weight decay included, as PyTorch's AdamW skips parameters without gradients.
     """
     schedule = lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, num_training_steps)
-    optimizer = optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(CLIP_GRAD_NORM),
         optax.adamw(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
                     weight_decay=config.adam_weight_decay),
     )
-    return optimizer, schedule
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map(lambda trainable: "train" if trainable else "frozen", model.trainable_mask(params))
+
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
