@@ -2,3 +2,4 @@
 
 from jax_uncond.models import FlaxUNet2DModel
 from jax_uncond.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
+from jax_uncond.pipelines import FlaxDDPMPipeline

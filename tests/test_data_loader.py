@@ -121,10 +121,8 @@ def test_device_batches_are_global_and_sharded(mesh):
 
 
 def test_batches_arrive_under_a_transfer_guard(mesh):
-    loader = make(n=42, batch=8, mesh=mesh)
-    with jax.transfer_guard("disallow"):  # the host-to-device copy is explicit, in the prefetch thread
-        batch = next(loader)
-    loader.close()
+    with make(n=42, batch=8, mesh=mesh) as loader, jax.transfer_guard("disallow"):
+        batch = next(loader)  # the host-to-device copy is explicit, in the prefetch thread
     assert batch["images"].shape == (8, 3, RES, RES)
 
 

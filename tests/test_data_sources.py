@@ -118,6 +118,16 @@ def test_saved_datasets_folder_uses_the_first_image_column(saved_dataset, mesh):
     loader.close()
 
 
+def test_saved_dataset_dict_reads_its_train_split(saved_dataset, tmp_path, mesh):
+    import datasets
+
+    train = datasets.load_from_disk(str(saved_dataset))
+    path = tmp_path / "dict"
+    datasets.DatasetDict({"train": train, "test": train.select(range(2))}).save_to_disk(str(path))
+    loader = make_train_loader(_config("--dataset_name", str(path)), mesh, batch_size=3)
+    assert loader.num_examples == 6
+
+
 def test_image_column_errors_list_the_columns(saved_dataset, tmp_path, mesh):
     import datasets
 

@@ -110,7 +110,7 @@ def test_push_to_hub_without_network_fails_at_start(tmp_path, monkeypatch, token
 
 
 def test_tensorboard_scalars_and_config_without_secret(tmp_path, fake_pipeline):
-    outputs, config = make(tmp_path, "--eval_batch_size", "4")
+    outputs, config = make(tmp_path, "--eval_batch_size", "4", "--hub_token", SECRET)
     outputs.log(1, {"loss": 0.5, "lr": 1e-4})
     outputs.log(2, {"loss": 0.25, "lr": 2e-4})
     outputs.close({"steps": 2, "loss": 0.25})
@@ -119,6 +119,12 @@ def test_tensorboard_scalars_and_config_without_secret(tmp_path, fake_pipeline):
     scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
     assert scalars[("loss", 1)] == 0.5 and scalars[("loss", 2)] == 0.25
     assert scalars[("lr", 2)] == pytest.approx(2e-4)
+    texts = [v.tensor.string_val[0].decode() for e in events for v in e.summary.value if v.tag.startswith("config")]
+    assert texts and '"eval_batch_size": 4' in texts[0] and "hub_token" not in texts[0]
+    for path in glob.glob(str(tmp_path / "run" / "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                assert SECRET.encode() not in f.read(), path
 
 
 def test_samples_are_seeded_and_saved(tmp_path, fake_pipeline):
@@ -243,3 +249,34 @@ def test_wandb_with_hub_token_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
     with pytest.raises(UsageError, match="expose --hub_token.*HF_TOKEN"):
         make(tmp_path, "--logger", "wandb", "--hub_token", SECRET)
+
+
+def test_wandb_gets_config_scalars_and_samples(tmp_path, monkeypatch, fake_pipeline):
+    import sys
+    import types
+
+    logged = {}
+
+    class Run:
+        def log(self, data, step):
+            logged.setdefault(step, []).append(data)
+
+        def finish(self):
+            logged["finished"] = True
+
+    def init(**kwargs):
+        logged["init"] = kwargs
+        return Run()
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = init
+    wandb.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    outputs, _ = make(tmp_path, "--logger", "wandb", "--eval_batch_size", "2", "--save_model_epochs", "100")
+    outputs.log(3, {"loss": 0.5})
+    outputs.epoch_end(0, {"w": np.float32(1.0)}, last=False)
+    outputs.close({})
+    assert logged["init"]["project"] == out.RUN_NAME and "hub_token" not in logged["init"]["config"]
+    assert logged[3][0] == {"loss": 0.5}
+    assert logged[3][1]["epoch"] == 0 and logged[3][1]["test_samples"] == [("image", (8, 8, 3))] * 2
+    assert logged["finished"]

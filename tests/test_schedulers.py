@@ -1,7 +1,8 @@
 """FlaxDDPMScheduler / FlaxDDIMScheduler against diffusers' PyTorch DDPMScheduler / DDIMScheduler.
 
-Everything runs eagerly on tiny arrays (vmapped over timesteps), so the hundreds of configs below cost
-no compilation. The reference is always the real diffusers code, never copied numbers.
+Everything runs eagerly on tiny arrays (vmapped over spacings and timesteps), so the hundreds of configs
+below cost no compilation; tests/test_pipeline.py runs both schedulers inside the compiled lax.scan
+sampler. The reference is always the real diffusers code, never copied numbers.
 """
 
 import json
@@ -97,19 +98,20 @@ def test_trained_betas_and_ddim_final_alpha_match_diffusers():
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("num_train_timesteps", [1000, 37])
 def test_set_timesteps_equals_diffusers(num_train_timesteps, spacing, steps_offset):
-    config = dict(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=steps_offset)
+    num_train = num_train_timesteps
+    config = dict(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=steps_offset)
     for flax_cls, torch_cls in ((FlaxDDPMScheduler, DDPMScheduler), (FlaxDDIMScheduler, DDIMScheduler)):
         ours, ref = flax_cls(**config), torch_cls(**config)
         state = ours.create_state()
-        for steps in sorted({1, 3, 10, 50, num_train_timesteps - 1, num_train_timesteps} & set(range(1, num_train_timesteps + 1))):
-            if spacing == "leading" and steps_offset and num_train_timesteps // steps * (steps - 1) + 1 >= num_train_timesteps:
+        for steps in sorted({1, 3, 10, 50, num_train - 1, num_train} & set(range(1, num_train + 1))):
+            if spacing == "leading" and steps_offset and num_train // steps * (steps - 1) + 1 >= num_train:
                 with pytest.raises(ValueError, match="steps_offset"):
                     ours.set_timesteps(state, steps)
                 continue
             ref.set_timesteps(steps)
             got = ours.set_timesteps(state, steps)
             assert got.num_inference_steps == steps
-            np.testing.assert_array_equal(_np(got.timesteps), _np(ref.timesteps), err_msg=f"{flax_cls.__name__} {steps}")
+            np.testing.assert_array_equal(_np(got.timesteps), _np(ref.timesteps), err_msg=f"{flax_cls} {steps}")
 
 
 def test_ddpm_custom_timesteps_equal_diffusers():
@@ -214,7 +216,8 @@ def test_ddpm_step_full_sample_with_diffusers_noise():
     for t in (960, 400, 0):
         want = ref.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), generator=torch.manual_seed(t))
         noise = torch.randn(SHAPE, generator=torch.manual_seed(t))
-        got = ours.step(state, jnp.asarray(model_output), t, jnp.asarray(sample), variance_noise=jnp.asarray(_np(noise)))
+        noise = jnp.asarray(_np(noise))
+        got = ours.step(state, jnp.asarray(model_output), t, jnp.asarray(sample), variance_noise=noise)
         np.testing.assert_allclose(_np(got.prev_sample), _np(want.prev_sample), rtol=0, atol=1e-5)
         np.testing.assert_allclose(_np(got.pred_original_sample), _np(want.pred_original_sample), rtol=0, atol=1e-5)
 
@@ -281,7 +284,8 @@ def test_ddim_step_matches_diffusers(prediction_type, clip_mode):
                     ref.set_timesteps(steps)
                     for j, t in enumerate(timesteps[i].tolist()):
                         want = ref.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), eta=eta,
-                                        use_clipped_model_output=clipped, variance_noise=torch.from_numpy(noise))  # fmt: skip
+                                        use_clipped_model_output=clipped,
+                                        variance_noise=torch.from_numpy(noise))  # fmt: skip
                         where = f"set_alpha_to_one={set_alpha_to_one} {spacing} steps={steps} eta={eta} t={t}"
                         for name in ("prev_sample", "pred_original_sample"):
                             np.testing.assert_allclose(_np(getattr(got, name)[i, j]), _np(getattr(want, name)),
@@ -301,30 +305,17 @@ def test_ddim_step_errors():
         ours.step(state, jnp.zeros((2, 6, 4, 4)), 900, x)
 
 
-# --- jit / scan ------------------------------------------------------------------------------------
-
-
-def test_step_under_jit_and_scan_matches_eager():
-    """One compiled loop over all steps, the scheduler a static (hashable) argument, state a pytree."""
-    sample, eps = jnp.asarray(_randn(12)), jnp.asarray(_randn(13, scale=0.1))
-    for ours in (FlaxDDPMScheduler(), FlaxDDIMScheduler()):
-        state = ours.set_timesteps(ours.create_state(), 5)
-        keys = jax.random.split(jax.random.key(0), 5)
-
-        def one_step(state, x, t, key, scheduler=ours):
-            kwargs = {"eta": 0.3} if isinstance(scheduler, FlaxDDIMScheduler) else {}
-            return scheduler.step(state, eps, t, x, key=key, **kwargs).prev_sample
-
-        @jax.jit
-        def loop(state, x):
-            return jax.lax.scan(lambda x, tk: (one_step(state, x, *tk), None), x, (state.timesteps, keys))[0]
-
-        eager = sample
-        for t, key in zip(_np(state.timesteps).tolist(), keys):
-            eager = one_step(state, eager, t, key)
-        np.testing.assert_allclose(_np(loop(state, sample)), _np(eager), rtol=1e-6, atol=1e-6)
-    assert hash(FlaxDDPMScheduler()) == hash(FlaxDDPMScheduler.from_config(FlaxDDPMScheduler().config))
-    assert FlaxDDPMScheduler() != FlaxDDIMScheduler()
+def test_step_key_draws_standard_normal_noise():
+    """`key` is shorthand for variance_noise=jax.random.normal(key, shape), in both schedulers."""
+    sample, model_output, key = jnp.asarray(_randn(14)), jnp.asarray(_randn(15)), jax.random.key(7)
+    noise = jax.random.normal(key, SHAPE)
+    for ours, kwargs in ((FlaxDDPMScheduler(), {}), (FlaxDDIMScheduler(), {"eta": 0.5})):
+        state = ours.set_timesteps(ours.create_state(), 10)
+        with_key = ours.step(state, model_output, 500, sample, key=key, **kwargs).prev_sample
+        with_noise = ours.step(state, model_output, 500, sample, variance_noise=noise, **kwargs).prev_sample
+        np.testing.assert_array_equal(_np(with_key), _np(with_noise))
+        assert np.abs(_np(with_key) - _np(ours.step(state, model_output, 500, sample, key=jax.random.key(8),
+                                                      **kwargs).prev_sample)).max() > 1e-3  # fmt: skip
 
 
 # --- configs: validation and scheduler_config.json both ways ---------------------------------------
@@ -386,7 +377,8 @@ def test_scheduler_config_json_round_trips_with_diffusers(tmp_path, diffusers_wa
     torch_cls(**config).save_pretrained(tmp_path / "theirs")
     ours, state = flax_cls.from_pretrained(tmp_path, subfolder="theirs")
     assert {k: ours.config[k] for k in config} == config
-    assert ours == flax_cls.from_config(torch_cls(**config).config)
+    assert ours == flax_cls.from_config(torch_cls(**config).config)  # hashable by config: a static jit argument
+    assert hash(ours) == hash(flax_cls.from_config(ours.config)) and ours != flax_cls()
     np.testing.assert_allclose(_np(state.common.alphas_cumprod), _np(loaded.alphas_cumprod), atol=1e-6)
     # DDPM <-> DDIM: each ignores the other's keys without a warning, as diffusers does.
     other = FlaxDDIMScheduler if flax_cls is FlaxDDPMScheduler else FlaxDDPMScheduler

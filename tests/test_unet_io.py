@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
 from safetensors.numpy import save_file
-from test_unet import CONFIGS, TINY, saved_state_dict, torch_state_dict, torch_unet
+from test_unet import CONFIGS, SEED_EXAMPLE, TINY, random_params, saved_state_dict, torch_state_dict, torch_unet
 
 from jax_uncond import FlaxUNet2DModel
 from jax_uncond.models import pytorch_io
@@ -22,13 +22,6 @@ from jax_uncond.models.pytorch_io import WeightMismatchError
 from jax_uncond.models.unet_2d import CONFIG_KEYS
 
 SMALL = dict(TINY, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-
-
-def random_params(model: FlaxUNet2DModel, seed: int = 0, dtype=jnp.float32) -> dict:
-    """Arbitrary values in the model's parameter shapes (no init compile needed)."""
-    shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
-    rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda s: jnp.asarray(rng.randn(*s.shape).astype(np.float32), dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -261,15 +254,6 @@ def test_parameter_count_of_the_seed_example_model():
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == 113_673_219
 
 
-# diffusers' examples/unconditional_image_generation/train_unconditional.py, resolution 64.
-SEED_EXAMPLE = dict(
-    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-)  # fmt: skip
-
-
 def test_torch_state_dict_dtype_float_for_bf16_bin(tmp_path):
     """A bfloat16 .bin (PyTorch's usual half format) loads, upcast to float32."""
     torch_model = torch_unet(SMALL).to(torch.bfloat16)
@@ -278,3 +262,18 @@ def test_torch_state_dict_dtype_float_for_bf16_bin(tmp_path):
     state_dict = pytorch_io.state_dict_from_params(params)
     for key, value in torch_model.state_dict().items():
         assert np.array_equal(state_dict[key], value.float().numpy()), key
+
+
+def test_init_on_a_mesh_then_save(tmp_path):
+    """init_weights jitted straight onto 8 devices gives the same values, and saves from there."""
+    from jax_uncond.training.sharding import make_mesh, replicated
+
+    model = FlaxUNet2DModel(**SMALL)
+    key = jax.random.key(3)
+    sharded = jax.jit(model.init_weights, out_shardings=replicated(make_mesh()))(key)
+    plain = model.init_weights(key)
+    assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+    assert jax.tree.all(jax.tree.map(np.array_equal, sharded, plain))
+    model.save_pretrained(tmp_path, sharded)
+    _, params = FlaxUNet2DModel.from_pretrained(tmp_path)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, plain))

@@ -19,11 +19,14 @@ import sys
 from typing import Any, Iterator
 
 import grain
+import jax
 import numpy as np
 from absl import flags as absl_flags
+from jax.sharding import Mesh
 
 from jax_uncond.data.sources import ImageSource, load_source
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, TransformSpec, decode_image, transform_image
+from jax_uncond.training.sharding import batch_sharding, data_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +113,9 @@ class TrainLoader:
     """Endless iterator of global batches {"images": jax.Array (B, 3, R, R)} sharded over the mesh's data axis."""
 
     def __init__(self, source: ImageSource, spec: TransformSpec, *, global_batch_size: int, seed: int,
-                 mesh: Any = None, num_workers: int = 0, shard_options: grain.sharding.ShardOptions | None = None,
-                 prefetch: int = 2, skipped_paths: tuple[str, ...] = ()):
+                 mesh: Mesh | None = None, num_workers: int = 0,
+                 shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2,
+                 skipped_paths: tuple[str, ...] = ()):
         if shard_options is None:
             shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
         num_examples = len(source)
@@ -167,11 +171,7 @@ class TrainLoader:
 
     # --- the training-side iterator
 
-    def _place(self, images: np.ndarray) -> Any:
-        import jax
-
-        from jax_uncond.training.sharding import batch_sharding
-
+    def _place(self, images: np.ndarray) -> jax.Array:
         if self.shard_options.shard_count != jax.process_count():
             raise ValueError(f"the loader was built for {self.shard_options.shard_count} processes but JAX runs "
                              f"{jax.process_count()}; iterate `iter_host()` to read a simulated share")
@@ -228,17 +228,21 @@ class TrainLoader:
             self._device.close()
             self._device = None
 
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
 
 def transform_spec(config: Any) -> TransformSpec:
     """The augmentation flags of `config`."""
     return TransformSpec(config.resolution, config.center_crop, config.random_flip, config.preserve_input_precision)
 
 
-def make_train_loader(config: Any, mesh: Any, batch_size: int, *,
+def make_train_loader(config: Any, mesh: Mesh | None, batch_size: int, *,
                       shard_options: grain.sharding.ShardOptions | None = None, prefetch: int = 2) -> TrainLoader:
     """Validate the data flags' source at start-up and build the loader of global batches of `batch_size`."""
-    from jax_uncond.training.sharding import data_parallel_size
-
     if mesh is not None and batch_size % data_parallel_size(mesh):
         raise ValueError(f"the global batch of {batch_size} does not split evenly over the mesh's "
                          f"{data_parallel_size(mesh)} data-parallel devices")

@@ -130,7 +130,7 @@ class SkipDownBlock(nn.Module):
             x = a.resnet(out, groups=skip_groups(out), output_scale_factor=SQRT2, use_in_shortcut=True, down=True,
                          kernel="fir", name="resnet_down")(x, temb)
             skip = fir_downsample(skip)
-            x = conv2d(out, 3, 1, padding="VALID", dtype=a.dtype, param_dtype=a.param_dtype, name="skip_conv")(skip) + x
+            x = conv2d(out, 1, padding=0, dtype=a.dtype, param_dtype=a.param_dtype, name="skip_conv")(skip) + x
             outputs.append(x)
         return x, tuple(outputs), skip
 
@@ -207,7 +207,7 @@ class SkipUpBlock(nn.Module):
             skip = fir_upsample(skip)
         if self.add_upsample:
             s = jax.nn.silu(GroupNorm(skip_groups(out), a.eps, name="skip_norm", **kw)(x))
-            s = conv2d(3, out, 3, padding=((1, 1), (1, 1)), name="skip_conv", **kw)(s)
+            s = conv2d(3, 3, padding=1, name="skip_conv", **kw)(s)
             skip = s if skip is None else skip + s
             x = a.resnet(out, groups=skip_groups(out), groups_out=skip_groups(out), output_scale_factor=SQRT2,
                          use_in_shortcut=True, up=True, kernel="fir", name="resnet_up")(x, temb)

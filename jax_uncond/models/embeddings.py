@@ -11,6 +11,8 @@ from flax import linen as nn
 
 from jax_uncond.models.layers import Dtype, dense
 
+FOURIER_SCALE = 16.0  # UNet2DModel's GaussianFourierProjection(scale=16)
+
 
 def get_timestep_embedding(
     timesteps: jax.Array,
@@ -33,29 +35,20 @@ def get_timestep_embedding(
     return emb
 
 
-def scaled_normal(scale: float):
-    """N(0, scale^2) initialiser (PyTorch's nn.Embedding default is scale 1)."""
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-        return jax.random.normal(key, shape, dtype) * scale
-
-    return init
-
-
 class GaussianFourierProjection(nn.Module):
     """diffusers' GaussianFourierProjection(log=True): [sin, cos](2 pi log(t) W), W ~ N(0, scale^2).
 
-    W is frozen in diffusers (requires_grad=False); here its gradient is stopped, and
-    `FlaxUNet2DModel.trainable_mask` marks it so an optimizer can leave it alone (no weight decay either).
+    UNet2DModel uses scale FOURIER_SCALE (`init_weights` draws W). W is frozen in diffusers
+    (requires_grad=False); here its gradient is stopped, and `FlaxUNet2DModel.trainable_mask` marks it
+    so an optimizer can leave it alone (no weight decay either).
     """
 
     embedding_size: int = 256
-    scale: float = 1.0
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        weight = self.param("weight", scaled_normal(self.scale), (self.embedding_size,), self.param_dtype)
+        weight = self.param("weight", nn.initializers.normal(FOURIER_SCALE), (self.embedding_size,), self.param_dtype)
         weight = jax.lax.stop_gradient(weight).astype(jnp.float32)
         x_proj = jnp.log(t.astype(jnp.float32))[:, None] * weight[None, :] * 2 * np.pi
         return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
@@ -71,5 +64,5 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(self.time_embed_dim, x.shape[-1], name="linear_1", **kw)(x)
-        return dense(self.time_embed_dim, self.time_embed_dim, name="linear_2", **kw)(jax.nn.silu(x))
+        x = dense(self.time_embed_dim, name="linear_1", **kw)(x)
+        return dense(self.time_embed_dim, name="linear_2", **kw)(jax.nn.silu(x))

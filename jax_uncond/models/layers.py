@@ -1,4 +1,4 @@
-"""Leaf layers of the UNet: PyTorch-initialised conv/dense, float32 GroupNorm, FIR resampling, attention.
+"""Leaf layers of the UNet: conv/dense named like PyTorch, float32 GroupNorm, FIR resampling, attention.
 
 Module and parameter names follow diffusers' PyTorch modules so that `pytorch_io.py` can map the two
 trees with a handful of rules. Everything works on NHWC arrays.
@@ -6,7 +6,6 @@ trees with a handful of rules. Everything works on NHWC arrays.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -33,55 +32,23 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"act_fn={name!r} is not supported; allowed values: {sorted(ACTIVATIONS)}") from None
 
 
-# PyTorch's default for nn.Conv2d / nn.Linear weights: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
-torch_weight_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
-    """PyTorch's default bias initialiser for conv/linear layers: U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 def conv2d(
-    features: int,
-    in_features: int,
-    kernel_size: int,
-    *,
-    stride: int = 1,
-    padding: Any = "SAME",
-    dtype: Dtype,
-    param_dtype: Dtype,
+    features: int, kernel_size: int, *, stride: int = 1, padding: int | Any, dtype: Dtype, param_dtype: Dtype,
     name: str,
 ) -> nn.Conv:
-    """An `nn.Conv` initialised like PyTorch's `nn.Conv2d` (weights and bias)."""
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=padding,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=torch_weight_init,
-        bias_init=torch_bias_init(in_features * kernel_size * kernel_size),
-        name=name,
-    )
+    """nn.Conv2d's twin: square kernel, padding an int (both sides) or ((top, bottom), (left, right)).
+
+    Initial values come from `init_weights`.
+    """
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding, dtype=dtype,
+                   param_dtype=param_dtype, name=name)
 
 
-def dense(features: int, in_features: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    """An `nn.Dense` initialised like PyTorch's `nn.Linear` (weights and bias)."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=torch_weight_init,
-        bias_init=torch_bias_init(in_features),
-        name=name,
-    )
+def dense(features: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    """nn.Linear's twin. Initial values come from `init_weights`."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class GroupNorm(nn.Module):
@@ -166,8 +133,8 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding, self.padding),) * 2
-        conv = conv2d(self.out_channels, x.shape[-1], 3, stride=2, padding=pad, dtype=self.dtype,
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        conv = conv2d(self.out_channels, 3, stride=2, padding=pad, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="conv")
         return conv(x)
 
@@ -181,7 +148,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = conv2d(self.out_channels, x.shape[-1], 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
+        conv = conv2d(self.out_channels, 3, padding=1, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="conv")
         return conv(nearest_upsample(x))
 
@@ -219,10 +186,10 @@ class ResnetBlock2D(nn.Module):
         elif self.down:
             resample = fir_downsample if self.kernel == "fir" else avg_pool_downsample
             x, h = resample(x), resample(h)
-        h = conv2d(self.out_channels, in_channels, 3, padding=((1, 1), (1, 1)), name="conv1", **kw)(h)
+        h = conv2d(self.out_channels, 3, padding=1, name="conv1", **kw)(h)
 
         proj_features = self.out_channels * (2 if self.time_embedding_norm == "scale_shift" else 1)
-        t = dense(proj_features, temb.shape[-1], name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
+        t = dense(proj_features, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
         norm2 = GroupNorm(groups_out, self.eps, name="norm2", **kw)
         if self.time_embedding_norm == "scale_shift":
             scale, shift = jnp.split(t, 2, axis=-1)
@@ -230,11 +197,11 @@ class ResnetBlock2D(nn.Module):
         else:
             h = norm2(h + t)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(act(h))
-        h = conv2d(self.out_channels, self.out_channels, 3, padding=((1, 1), (1, 1)), name="conv2", **kw)(h)
+        h = conv2d(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
 
         use_shortcut = in_channels != self.out_channels if self.use_in_shortcut is None else self.use_in_shortcut
         if use_shortcut:
-            x = conv2d(self.out_channels, in_channels, 1, padding="VALID", name="conv_shortcut", **kw)(x)
+            x = conv2d(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
         return ((x + h) / self.output_scale_factor).astype(self.dtype)
 
 
@@ -265,9 +232,9 @@ class Attention(nn.Module):
         if self.norm_num_groups is not None:
             h = GroupNorm(self.norm_num_groups, self.eps, name="group_norm", **kw)(h)
         q, k, v = (
-            dense(inner, channels, name=name, **kw)(h).reshape(b, height * width, heads, self.head_dim)
+            dense(inner, name=name, **kw)(h).reshape(b, height * width, heads, self.head_dim)
             for name in ("to_q", "to_k", "to_v")
         )
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        out = dense(channels, inner, name="to_out_0", **kw)(out.reshape(b, height * width, inner))
+        out = dense(channels, name="to_out_0", **kw)(out.reshape(b, height * width, inner))
         return ((out.reshape(x.shape) + x) / self.rescale_output_factor).astype(self.dtype)

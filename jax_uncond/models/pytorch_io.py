@@ -13,12 +13,18 @@ tensor is checked: missing, unexpected and mis-shaped tensors are reported toget
 
 from __future__ import annotations
 
+import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jax_uncond.models.embeddings import FOURIER_SCALE
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -28,11 +34,17 @@ LIST_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsam
 
 
 class LeafRule(NamedTuple):
-    """How one Flax leaf maps to PyTorch: the PyTorch leaf name and the layout change both ways."""
+    """How one Flax leaf maps to PyTorch: name, layout both ways, and PyTorch's default init of it.
+
+    init: "fan_in" U(+-1/sqrt(fan_in)) (kaiming_uniform(a=sqrt(5)) for weights, the same bound for
+    biases), "bias" (fan_in of the sibling kernel; zeros beside a GroupNorm scale), "ones",
+    "normal" (nn.Embedding's N(0, 1)), "fourier" (N(0, FOURIER_SCALE^2)).
+    """
 
     torch_name: str
     to_torch: Callable[[np.ndarray], np.ndarray]
     to_flax: Callable[[np.ndarray], np.ndarray]
+    init: str
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -41,12 +53,12 @@ def _identity(x: np.ndarray) -> np.ndarray:
 
 # Keyed by (Flax leaf name, ndim).
 LEAF_RULES: dict[tuple[str, int], LeafRule] = {
-    ("kernel", 4): LeafRule("weight", lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),
-    ("kernel", 2): LeafRule("weight", lambda k: k.T, lambda w: w.T),
-    ("bias", 1): LeafRule("bias", _identity, _identity),
-    ("scale", 1): LeafRule("weight", _identity, _identity),  # GroupNorm
-    ("embedding", 2): LeafRule("weight", _identity, _identity),  # nn.Embedding (learned time / class tables)
-    ("weight", 1): LeafRule("weight", _identity, _identity),  # GaussianFourierProjection
+    ("kernel", 4): LeafRule("weight", lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0), "fan_in"),
+    ("kernel", 2): LeafRule("weight", lambda k: k.T, lambda w: w.T, "fan_in"),
+    ("bias", 1): LeafRule("bias", _identity, _identity, "bias"),
+    ("scale", 1): LeafRule("weight", _identity, _identity, "ones"),  # GroupNorm
+    ("embedding", 2): LeafRule("weight", _identity, _identity, "normal"),  # nn.Embedding (learned time, classes)
+    ("weight", 1): LeafRule("weight", _identity, _identity, "fourier"),  # GaussianFourierProjection
 }
 
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -67,6 +79,57 @@ def torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, LeafRule]:
     if rule is None:
         raise KeyError(f"no PyTorch mapping for Flax parameter {'/'.join(path)} with {ndim} dims")
     return ".".join([_module_segment(s) for s in path[:-1]] + [rule.torch_name]), rule
+
+
+class InitEntry(NamedTuple):
+    """How `draw_init` fills one parameter: kind "uniform" (U(+-scale)), "normal" (N(0, scale^2)) or "const"."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    kind: str
+    scale: float
+
+
+def init_plan(template: Any) -> tuple[InitEntry, ...]:
+    """PyTorch's default init for every leaf of `template` (a pytree of shapes), from `LEAF_RULES`."""
+    flat = traverse_util.flatten_dict(template)
+    plan = []
+    for path, leaf in flat.items():
+        shape = tuple(leaf.shape)
+        init, fan_in_shape = torch_key(path, len(shape))[1].init, shape
+        if init == "bias":
+            kernel = flat.get(path[:-1] + ("kernel",))
+            init, fan_in_shape = ("fan_in", tuple(kernel.shape)) if kernel is not None else ("zeros", shape)
+        kind, scale = {
+            "fan_in": ("uniform", 1.0 / math.sqrt(math.prod(fan_in_shape[:-1]))),
+            "zeros": ("const", 0.0),
+            "ones": ("const", 1.0),
+            "normal": ("normal", 1.0),
+            "fourier": ("normal", FOURIER_SCALE),
+        }[init]
+        plan.append(InitEntry(path, shape, kind, scale))
+    return tuple(plan)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def draw_init(plan: tuple[InitEntry, ...], rng: jax.Array, dtype: Any = jnp.float32) -> dict:
+    """Parameters following `plan`: all uniform leaves from one draw and all normal leaves from another,
+    so the init compiles fast however many tensors the model has."""
+    sizes = {kind: sum(math.prod(e.shape) for e in plan if e.kind == kind) for kind in ("uniform", "normal")}
+    uniform_key, normal_key = jax.random.split(rng)
+    draws = {"uniform": jax.random.uniform(uniform_key, (sizes["uniform"],), jnp.float32, -1.0, 1.0),
+             "normal": jax.random.normal(normal_key, (sizes["normal"],), jnp.float32)}
+    offsets = {"uniform": 0, "normal": 0}
+    out = {}
+    for entry in plan:
+        if entry.kind == "const":
+            value = jnp.full(entry.shape, entry.scale, jnp.float32)
+        else:
+            start, size = offsets[entry.kind], math.prod(entry.shape)
+            value = draws[entry.kind][start:start + size].reshape(entry.shape) * entry.scale
+            offsets[entry.kind] += size
+        out[entry.path] = value.astype(dtype)
+    return traverse_util.unflatten_dict(out)
 
 
 def state_dict_from_params(params: Any) -> dict[str, np.ndarray]:

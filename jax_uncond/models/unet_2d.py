@@ -17,10 +17,12 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
+from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models import pytorch_io
 from jax_uncond.models.blocks import DOWN_BLOCKS, UP_BLOCKS, BlockArgs, MidBlock, canonical_block_type
-from jax_uncond.models.embeddings import GaussianFourierProjection, TimestepEmbedding, get_timestep_embedding, scaled_normal
+from jax_uncond.models.embeddings import GaussianFourierProjection, TimestepEmbedding, get_timestep_embedding
 from jax_uncond.models.layers import ACTIVATIONS, Dtype, GroupNorm, conv2d
 
 # diffusers' UNet2DModel.__init__ signature, in order (tests check it against the installed diffusers).
@@ -34,8 +36,6 @@ CONFIG_KEYS = (
 )  # fmt: skip
 _TUPLE_KEYS = ("down_block_types", "up_block_types", "block_out_channels")
 CLASS_NAME = "UNet2DModel"
-# The diffusers release whose UNet2DModel format this module follows (written as `_diffusers_version`).
-DIFFUSERS_VERSION = "0.42.1"
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -44,6 +44,13 @@ class FlaxUNet2DOutput:
     """The output of FlaxUNet2DModel: `sample` is NCHW, like diffusers' UNet2DOutput."""
 
     sample: jax.Array
+
+
+def _to_host(x: Any) -> Any:
+    """A host copy of a parameter, gathering it first when it spans several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
 
 
 def _allowed(key: str, value: Any, allowed) -> None:
@@ -161,17 +168,20 @@ class FlaxUNet2DModel(nn.Module):
         class_labels = None
         if self.class_embed_type == "identity":
             class_labels = jnp.zeros((1, self._time_embed_dim), jnp.float32)
-        elif self.class_embed_type == "timestep":
-            class_labels = jnp.ones((1,), jnp.float32)
+        elif self.class_embed_type == "timestep":  # labels go through the time projection
+            class_labels = timesteps
         elif self.num_class_embeds is not None:
             class_labels = jnp.zeros((1,), jnp.int32)
         return sample, timesteps, class_labels
 
     def init_weights(self, rng: jax.Array) -> dict:
-        """Parameters drawn like PyTorch's defaults for UNet2DModel (jit-compiled, so cheap to eval_shape)."""
-        sample, timesteps, class_labels = self._dummy_inputs()
-        init = jax.jit(lambda key: self.init({"params": key}, sample, timesteps, class_labels)["params"])
-        return init(rng)
+        """Parameters drawn like PyTorch's defaults for UNet2DModel (the rules: `pytorch_io.init_plan`).
+
+        Jittable (e.g. `jax.jit(model.init_weights, out_shardings=...)`), and cheap to compile: the whole
+        tree comes from two random draws, not one per tensor.
+        """
+        template = jax.eval_shape(lambda key: self.init({"params": key}, *self._dummy_inputs())["params"], rng)
+        return pytorch_io.draw_init(pytorch_io.init_plan(template), rng, self.param_dtype)
 
     def trainable_mask(self, params: dict) -> dict:
         """A pytree of bools like `params`: False for tensors diffusers keeps frozen (the Fourier weights)."""
@@ -215,8 +225,12 @@ class FlaxUNet2DModel(nn.Module):
         return model, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict, is_main_process: bool = True) -> None:
-        """Write diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (float32 tensors)."""
-        state_dict = pytorch_io.state_dict_from_params(params)
+        """Write diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (float32 tensors).
+
+        In a multi-process run call it on every process (arrays spread over processes are gathered,
+        a collective) with `is_main_process=True` on the one that writes.
+        """
+        state_dict = pytorch_io.state_dict_from_params(jax.tree.map(_to_host, params))
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
@@ -266,10 +280,9 @@ class FlaxUNet2DModel(nn.Module):
         t = jnp.asarray(timesteps)
         t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t[None], (batch,))
         if self.time_embedding_type == "fourier":
-            time_proj = GaussianFourierProjection(c0, scale=16, param_dtype=self.param_dtype, name="time_proj")
+            time_proj = GaussianFourierProjection(c0, param_dtype=self.param_dtype, name="time_proj")
         elif self.time_embedding_type == "learned":
-            time_proj = nn.Embed(self.num_train_timesteps, c0, param_dtype=self.param_dtype,
-                                 embedding_init=scaled_normal(1.0), name="time_proj")
+            time_proj = nn.Embed(self.num_train_timesteps, c0, param_dtype=self.param_dtype, name="time_proj")
         else:
             time_proj = lambda ts: get_timestep_embedding(ts, c0, self.flip_sin_to_cos, self.freq_shift)  # noqa: E731
         emb = TimestepEmbedding(self._time_embed_dim, name="time_embedding", **kw)(time_proj(t).astype(self.dtype))
@@ -277,7 +290,7 @@ class FlaxUNet2DModel(nn.Module):
 
         # 2. pre-process; 3. down
         skip_sample = x
-        x = conv2d(c0, self.in_channels, 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
+        x = conv2d(c0, 3, padding=1, name="conv_in", **kw)(x)
         res_samples: tuple[jax.Array, ...] = (x,)
         for i, name in enumerate(self.down_block_types):
             block = self._down_block(i, canonical_block_type(name), args)
@@ -314,7 +327,7 @@ class FlaxUNet2DModel(nn.Module):
         # 6. post-process
         groups_out = self.norm_num_groups if self.norm_num_groups is not None else min(c0 // 4, 32)
         x = jax.nn.silu(GroupNorm(groups_out, self.norm_eps, name="conv_norm_out", **kw)(x))
-        x = conv2d(self.out_channels, c0, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
+        x = conv2d(self.out_channels, 3, padding=1, name="conv_out", **kw)(x)
         if skip_sample is not None:
             x = x + skip_sample
         if self.time_embedding_type == "fourier":
@@ -344,7 +357,7 @@ class FlaxUNet2DModel(nn.Module):
         if self.class_embed_type == "identity":
             return jnp.asarray(class_labels).astype(self.dtype)
         table = nn.Embed(self.num_class_embeds, self._time_embed_dim, param_dtype=self.param_dtype,
-                         embedding_init=scaled_normal(1.0), name="class_embedding")
+                         name="class_embedding")
         return table(jnp.asarray(class_labels)).astype(self.dtype)
 
     def _maybe_remat(self, module_cls: type[nn.Module]) -> type[nn.Module]:

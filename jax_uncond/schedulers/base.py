@@ -14,12 +14,13 @@ import os
 from typing import Any, ClassVar, Mapping
 
 import jax
+import numpy as np
 
+from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.schedulers.common import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
-    CommonSchedulerState,
     add_noise_common,
     get_velocity_common,
     make_betas,
@@ -28,32 +29,24 @@ from jax_uncond.schedulers.common import (
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
-# The diffusers release whose file formats these configs follow (written as `_diffusers_version`).
-DIFFUSERS_VERSION = "0.42.1"
-
-# Every key diffusers' DDPMScheduler and DDIMScheduler take: either class ignores the other's keys when
-# loading a config, as diffusers does for compatible schedulers.
-_DDPM_DDIM_KEYS = frozenset(
-    {
-        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "variance_type",
-        "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type",
-        "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "timestep_spacing",
-        "rescale_betas_zero_snr",
-    }
-)  # fmt: skip
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def init_keys(cls: type) -> set[str]:
+    """The config keys a scheduler class takes: its `__init__` arguments."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false; got {value!r}")
 
 
-def _check_number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+def check_number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
@@ -79,22 +72,22 @@ class FlaxSchedulerBase:
         steps = c["num_train_timesteps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_train_timesteps must be a positive int; got {steps!r}")
-        _check_choice("beta_schedule", c["beta_schedule"], self.beta_schedules)
-        _check_number("beta_start", c["beta_start"], 0.0, 1.0)
-        _check_number("beta_end", c["beta_end"], 0.0, 1.0)
+        check_choice("beta_schedule", c["beta_schedule"], self.beta_schedules)
+        check_number("beta_start", c["beta_start"], 0.0, 1.0)
+        check_number("beta_end", c["beta_end"], 0.0, 1.0)
         if c["trained_betas"] is not None:
             betas = c["trained_betas"]
             if len(betas) != steps or not all(0.0 <= b <= 1.0 for b in betas):
                 raise ValueError(
                     f"trained_betas must hold num_train_timesteps={steps} values in [0, 1]; got {len(betas)} values"
                 )
-        _check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
-        _check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
+        check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
+        check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
         for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            _check_bool(name, c[name])
-        _check_number("clip_sample_range", c["clip_sample_range"], 0.0, math.inf, low_open=True)
-        _check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
-        _check_number("sample_max_value", c["sample_max_value"], 0.0, math.inf, low_open=True)
+            check_bool(name, c[name])
+        check_number("clip_sample_range", c["clip_sample_range"], 0.0, math.inf, low_open=True)
+        check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
+        check_number("sample_max_value", c["sample_max_value"], 0.0, math.inf, low_open=True)
         offset = c["steps_offset"]
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"steps_offset must be a non-negative int; got {offset!r}")
@@ -126,8 +119,9 @@ class FlaxSchedulerBase:
         used_defaults = set(config.get("_use_default_values", ()))
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in used_defaults}
         config.update(overrides)
-        expected = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = {k: v for k, v in config.items() if k not in expected and k not in _DDPM_DDIM_KEYS}
+        expected = init_keys(cls)
+        compatible = set().union(*(init_keys(c) for c in FlaxSchedulerBase.__subclasses__()))
+        unknown = {k: v for k, v in config.items() if k not in expected and k not in compatible}
         if unknown:
             logger.warning(
                 "The config attributes %s were passed to %s, but are not expected and will be ignored.",
@@ -160,14 +154,18 @@ class FlaxSchedulerBase:
         with open(os.path.join(save_directory, SCHEDULER_CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def _common_state(self) -> CommonSchedulerState:
-        """The betas/alphas arrays of this config."""
+    def _betas(self) -> np.ndarray:
+        """The float32 betas of this config (host-side)."""
         c = self._config
-        betas = make_betas(
+        return make_betas(
             c["num_train_timesteps"], c["beta_start"], c["beta_end"], c["beta_schedule"], c["trained_betas"],
             c["rescale_betas_zero_snr"],
         )  # fmt: skip
-        return CommonSchedulerState.create(betas)
+
+    def _state_arrays(self, timesteps: np.ndarray, **scalars: float) -> dict[str, jax.Array]:
+        """Int32 `timesteps` and float32 scalars, transferred explicitly (fine under a transfer guard)."""
+        arrays = {"timesteps": timesteps.astype(np.int32), **{k: np.float32(v) for k, v in scalars.items()}}
+        return jax.device_put(arrays)
 
     def scale_model_input(self, state: Any, sample: jax.Array, timestep: int | None = None) -> jax.Array:
         """DDPM and DDIM do not scale the model input (kept for interchangeability with other schedulers)."""

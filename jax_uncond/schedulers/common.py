@@ -116,8 +116,7 @@ class CommonSchedulerState:
     @classmethod
     def create(cls, betas: np.ndarray) -> CommonSchedulerState:
         alphas = np.float32(1.0) - betas
-        alphas_cumprod = _cumprod(alphas)
-        return cls(alphas=jnp.asarray(alphas), betas=jnp.asarray(betas), alphas_cumprod=jnp.asarray(alphas_cumprod))
+        return cls(**jax.device_put({"alphas": alphas, "betas": betas, "alphas_cumprod": _cumprod(alphas)}))
 
 
 @flax.struct.dataclass

@@ -12,8 +12,9 @@ from typing import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_uncond.schedulers.base import FlaxSchedulerBase, _check_bool
+from jax_uncond.schedulers.base import FlaxSchedulerBase, check_bool
 from jax_uncond.schedulers.common import (
     CommonSchedulerState,
     FlaxSchedulerOutput,
@@ -66,17 +67,15 @@ class FlaxDDIMScheduler(FlaxSchedulerBase):
 
     def _validate(self, c: dict) -> None:
         super()._validate(c)
-        _check_bool("set_alpha_to_one", c["set_alpha_to_one"])
+        check_bool("set_alpha_to_one", c["set_alpha_to_one"])
 
     def create_state(self) -> DDIMSchedulerState:
         """The schedule for this config; call `set_timesteps` before `step`."""
-        common = self._common_state()
-        final = jnp.array(1.0, jnp.float32) if self._config["set_alpha_to_one"] else common.alphas_cumprod[0]
+        betas = self._betas()
+        final = 1.0 if self._config["set_alpha_to_one"] else np.float32(1.0) - betas[0]  # alphas_cumprod[0]
         return DDIMSchedulerState(
-            common=common,
-            final_alpha_cumprod=final,
-            init_noise_sigma=jnp.array(1.0, dtype=jnp.float32),
-            timesteps=jnp.arange(len(self) - 1, -1, -1, dtype=jnp.int32),
+            common=CommonSchedulerState.create(betas),
+            **self._state_arrays(np.arange(len(self))[::-1], final_alpha_cumprod=final, init_noise_sigma=1.0),
         )
 
     def set_timesteps(
@@ -86,7 +85,7 @@ class FlaxDDIMScheduler(FlaxSchedulerBase):
         Host-side (the count fixes array shapes); `shape` is unused."""
         c = self._config
         steps = inference_timesteps(len(self), num_inference_steps, c["timestep_spacing"], c["steps_offset"])
-        return state.replace(timesteps=jnp.asarray(steps, dtype=jnp.int32), num_inference_steps=num_inference_steps)
+        return state.replace(**self._state_arrays(steps), num_inference_steps=num_inference_steps)
 
     def step(
         self,

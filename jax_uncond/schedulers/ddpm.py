@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_uncond.schedulers.base import FlaxSchedulerBase, _check_choice
+from jax_uncond.schedulers.base import FlaxSchedulerBase, check_choice
 from jax_uncond.schedulers.common import (
     CommonSchedulerState,
     FlaxSchedulerOutput,
@@ -75,14 +75,13 @@ class FlaxDDPMScheduler(FlaxSchedulerBase):
 
     def _validate(self, c: dict) -> None:
         super()._validate(c)
-        _check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
+        check_choice("variance_type", c["variance_type"], VARIANCE_TYPES)
 
     def create_state(self) -> DDPMSchedulerState:
         """The schedule for this config, with all training timesteps as the inference timesteps."""
         return DDPMSchedulerState(
-            common=self._common_state(),
-            init_noise_sigma=jnp.array(1.0, dtype=jnp.float32),
-            timesteps=jnp.arange(len(self) - 1, -1, -1, dtype=jnp.int32),
+            common=CommonSchedulerState.create(self._betas()),
+            **self._state_arrays(np.arange(len(self))[::-1], init_noise_sigma=1.0),
         )
 
     def set_timesteps(
@@ -103,11 +102,11 @@ class FlaxDDPMScheduler(FlaxSchedulerBase):
                 raise ValueError(f"timesteps must be a non-empty, strictly descending list; got {list(timesteps)}")
             if custom[0] >= num_train or custom[-1] < 0:
                 raise ValueError(f"timesteps must lie in [0, num_train_timesteps={num_train}); got {list(timesteps)}")
-            return state.replace(timesteps=jnp.asarray(custom, dtype=jnp.int32), num_inference_steps=None)
+            return state.replace(**self._state_arrays(custom), num_inference_steps=None)
         steps = inference_timesteps(
             num_train, num_inference_steps, self._config["timestep_spacing"], self._config["steps_offset"]
         )
-        return state.replace(timesteps=jnp.asarray(steps, dtype=jnp.int32), num_inference_steps=num_inference_steps)
+        return state.replace(**self._state_arrays(steps), num_inference_steps=num_inference_steps)
 
     def _variance(
         self, alpha_prod_t: jax.Array, alpha_prod_t_prev: jax.Array, predicted_variance: jax.Array | None
