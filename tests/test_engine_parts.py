@@ -164,3 +164,23 @@ def test_loss_matches_the_pytorch_formulas(prediction_type, snr_gamma):
             weights = weights / (snr + 1)
     expected = (per_example * weights).mean().item()
     np.testing.assert_allclose(float(got), expected, rtol=2e-5)
+
+
+def test_resolution_must_divide_by_the_unet_downsampling():
+    from jax_uncond.errors import UsageError
+    from jax_uncond.training.loop import check_resolution
+
+    model = SimpleNamespace(config={"block_out_channels": (32, 64, 64)})
+    check_resolution(SimpleNamespace(resolution=16), model)
+    with pytest.raises(UsageError, match="--resolution 18 .* multiple of 4"):
+        check_resolution(SimpleNamespace(resolution=18), model)
+
+
+def test_default_unet_is_the_seed_example_at_the_resolution():
+    from jax_uncond.training.loop import unet_config
+
+    config = SimpleNamespace(unet=None, model_config_name_or_path=None, resolution=32)
+    unet = unet_config(config)
+    assert unet["block_out_channels"] == (128, 128, 256, 256, 512, 512) and unet["sample_size"] == 32
+    assert unet["down_block_types"][4] == "AttnDownBlock2D" and unet["up_block_types"][1] == "AttnUpBlock2D"
+    assert unet["layers_per_block"] == 2

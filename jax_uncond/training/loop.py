@@ -88,6 +88,14 @@ def build_scheduler(config: Any) -> Any:
                              prediction_type=config.prediction_type)
 
 
+def check_resolution(config: Any, model: Any) -> None:
+    """The UNet halves its input once per down block but the last: --resolution must divide."""
+    factor = 2 ** (len(model.config["block_out_channels"]) - 1)
+    if config.resolution % factor:
+        raise UsageError(f"--resolution {config.resolution} does not fit the UNet, which halves its input "
+                         f"{factor.bit_length() - 1} times: use a multiple of {factor}")
+
+
 def global_batch_size(config: Any, mesh: Mesh) -> int:
     """Images per micro-batch over all devices: --global_batch_size, else --train_batch_size per device."""
     devices = sharding.data_parallel_size(mesh)
@@ -107,6 +115,7 @@ def run(config: Any) -> None:
 
     mesh = sharding.make_mesh()
     model = build_model(config)
+    check_resolution(config, model)
     scheduler = build_scheduler(config)
     batch = global_batch_size(config, mesh)
     outputs = RunOutputs(config, model, scheduler, mesh)
