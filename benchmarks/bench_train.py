@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jax_uncond.training import metrics, sharding  # noqa: E402
@@ -29,6 +30,8 @@ from jax_uncond.training.loop import SEED_UNET_CONFIG, build_model, build_schedu
 from jax_uncond.training.optim import make_optimizer  # noqa: E402
 from jax_uncond.training.state import create_train_state  # noqa: E402
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402
+
+RESULT = "RESULT"
 
 PRESETS = {
     "cpu": dict(unet={"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
@@ -39,7 +42,8 @@ PRESETS = {
 }
 
 
-def jax_images_per_s(config, steps: int) -> dict[str, float]:
+def jax_runner(config):
+    """(run(n) -> seconds for n steps, figures): the engine's compiled step on every local device."""
     mesh = sharding.make_mesh(jax.local_devices())
     model, scheduler = build_model(config), build_scheduler(config)
     optimizer, schedule = make_optimizer(config, 10_000, model)
@@ -53,22 +57,21 @@ def jax_images_per_s(config, steps: int) -> dict[str, float]:
     step_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule,
                               StepConfig.from_config(config), key, mesh)
     compiled, compile_s = compile_train_step(step_fn, state, batch, mesh)
-    for _ in range(2):  # warm-up
-        state, out = compiled(state, batch)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, out = compiled(state, batch)
-    jax.block_until_ready(out)
-    seconds = time.perf_counter() - start
-    throughput = metrics.Throughput(config.global_batch_size, metrics.step_flops(compiled), mesh.devices.flat[0])
-    report = throughput.report(steps, seconds)
-    report["compile_s"] = compile_s
-    report["loss"] = float(out["loss"])
-    return report
+    holder = {"state": state}
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            holder["state"], out = compiled(holder["state"], batch)
+        jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+    figures = {"compile_s": compile_s, "flops": metrics.step_flops(compiled), "device": mesh.devices.flat[0]}
+    return run, figures
 
 
-def torch_images_per_s(config, unet_config: dict, steps: int) -> float:
+def torch_runner(config, unet_config: dict):
+    """run(n) -> seconds for n steps of the PyTorch script's loop body."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
@@ -112,22 +115,43 @@ def torch_images_per_s(config, unet_config: dict, steps: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):
-        one_step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    sync()
-    return steps * shape[0] / (time.perf_counter() - start)
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        sync()
+        return time.perf_counter() - start
+
+    return run, device
+
+
+def measure(side: str, config, unet_config: dict, steps: int, rounds: int) -> dict:
+    """Best-of-`rounds` seconds for `steps` steps of one side, after a warm-up."""
+    if side == "jax":
+        run, figures = jax_runner(config)
+        out = {"compile_s": figures["compile_s"]}
+        report = metrics.Throughput(config.global_batch_size, figures["flops"], figures["device"])
+    else:
+        run, device = torch_runner(config, unet_config)
+        import torch
+
+        out = {"where": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"}
+    run(steps)  # warm-up: compilation, autotuning, allocator
+    seconds = min(run(steps) for _ in range(rounds))
+    out["images_per_s"] = steps * config.global_batch_size / seconds
+    if side == "jax":
+        out.update({k: v for k, v in report.report(steps, seconds).items() if k == "mfu"})
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--batch", type=int, help="global batch (default: the preset's)")
-    parser.add_argument("--steps", type=int, help="timed steps (default: the preset's)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: the preset's)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     batch, steps = args.batch or preset["batch"], args.steps or preset["steps"]
@@ -135,27 +159,26 @@ def main() -> None:
     config = parse_args(["--resolution", str(preset["resolution"]), "--global_batch_size", str(batch),
                          "--mixed_precision", preset["precision"], "--use_ema"])
     config = dataclasses.replace(config, unet={**unet_config, "sample_size": preset["resolution"]})
-    metrics.enable_compilation_cache()
-    devices = jax.local_devices()
+    if args.side:  # no persistent compilation cache: the compile time printed is a cold compile
+        print(RESULT, json.dumps(measure(args.side, config, unet_config, steps, args.rounds)))
+        return
+    # Each side runs in its own process: the two runtimes' CPU thread pools slow each other down.
+    results = {}
+    for side in ("jax",) if args.no_torch else ("jax", "torch"):
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
+                              capture_output=True, text=True)
+        results[side] = json.loads(done.stdout.split(RESULT, 1)[1])
+    device = jax.local_devices()[0]
     print(f"config {args.preset}: {preset['resolution']}x{preset['resolution']}, global batch {batch}, "
-          f"{preset['precision']}, EMA on; JAX on {len(devices)} x {devices[0].device_kind}")
-    jax_report = jax_images_per_s(config, steps)
-    line = (f"jax:   {jax_report['images_per_s']:.1f} images/s, {jax_report['steps_per_s']:.2f} steps/s, "
-            f"compile {jax_report['compile_s']:.1f}s")
-    if "mfu" in jax_report:
-        line += f", MFU {100 * jax_report['mfu']:.1f}%"
-    else:
-        line += ", MFU n/a (no known peak for this device)"
+          f"{preset['precision']}, EMA on; JAX on {jax.local_device_count()} x {device.device_kind}")
+    jax_result = results["jax"]
+    line = f"jax:   {jax_result['images_per_s']:.1f} images/s, compile {jax_result['compile_s']:.1f}s"
+    line += f", MFU {100 * jax_result['mfu']:.1f}%" if "mfu" in jax_result else ", MFU n/a (no known peak for this device)"
     print(line)
-    if not args.no_torch:
-        import torch
-
-        torch_ips = torch_images_per_s(config, unet_config, steps)
-        where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-        print(f"torch: {torch_ips:.1f} images/s on {where}")
-        print(f"ratio jax/torch: {jax_report['images_per_s'] / torch_ips:.2f}x")
+    if "torch" in results:
+        print(f"torch: {results['torch']['images_per_s']:.1f} images/s on {results['torch']['where']}")
+        print(f"ratio jax/torch: {jax_result['images_per_s'] / results['torch']['images_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
-    jnp.zeros(())  # initialise the backend before timing anything
     main()

@@ -183,3 +183,43 @@ def test_frozen_fourier_weights_are_never_updated():
     assert not np.any(np.asarray(updates["time_proj"]["weight"]))
     moved = [k for k, v in jax.tree_util.tree_leaves_with_path(updates) if np.any(np.asarray(v))]
     assert len(moved) == len(jax.tree.leaves(params)) - 1
+
+def test_resolution_must_divide_by_the_unet_downsampling():
+    from jax_uncond.errors import UsageError
+    from jax_uncond.training.loop import check_resolution
+
+    model = SimpleNamespace(config={"block_out_channels": (32, 64, 64)})
+    check_resolution(SimpleNamespace(resolution=16), model)
+    with pytest.raises(UsageError, match="--resolution 18 .* multiple of 4"):
+        check_resolution(SimpleNamespace(resolution=18), model)
+
+
+def test_default_unet_is_the_seed_example_at_the_resolution():
+    from jax_uncond.training.loop import unet_config
+
+    config = SimpleNamespace(unet=None, model_config_name_or_path=None, resolution=32)
+    unet = unet_config(config)
+    assert unet["block_out_channels"] == (128, 128, 256, 256, 512, 512) and unet["sample_size"] == 32
+    assert unet["down_block_types"][4] == "AttnDownBlock2D" and unet["up_block_types"][1] == "AttnUpBlock2D"
+    assert unet["layers_per_block"] == 2
+
+
+@pytest.mark.parametrize("use_ema,fp16", [(False, False), (True, True)])
+def test_train_state_round_trips_through_a_checkpoint(tmp_path, use_ema, fp16):
+    import optax
+
+    from jax_uncond.training.state import create_train_state
+
+    mesh = make_mesh(jax.devices()[:2])
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    state = jax.jit(lambda: create_train_state(params, optax.adamw(1e-3), use_ema, fp16),
+                    out_shardings=ckpt.sharding.replicated(mesh))()
+    checkpoints = ckpt.Checkpoints(str(tmp_path), 1)
+    checkpoints.save(1, state, {"position": 1}, {"use_ema": use_ema})
+    checkpoints.close()
+    restored, _, _ = ckpt.Checkpoints(str(tmp_path), 1, read_only=True).restore(
+        1, ckpt.abstract_state(jax.eval_shape(lambda: state), mesh))
+    assert (restored.ema_params is None) == (not use_ema)
+    assert float(restored.loss_scale) == (65536.0 if fp16 else 1.0)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

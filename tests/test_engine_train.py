@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from engine_parts import ArrayLoader, RecordingOutputs, build_parts, host_state, tiny_config
+from engine_parts import ArrayLoader, RecordingOutputs, assert_state_close, build_parts, host_state, tiny_config
 from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import metrics
 from jax_uncond.training.loop import NonFiniteError, train
@@ -36,13 +36,6 @@ def run(config, devices, nan_at=()):
     return host_state(state), outputs
 
 
-def assert_close(a, b, rtol):
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol * max(1.0, float(np.abs(b[key]).max())),
-                                   err_msg=key)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 6-step run (EMA on, checkpoints every 2 steps, a NaN injected at step 3) on 1 and 8 devices."""
@@ -58,7 +51,7 @@ def test_one_device_equals_eight(runs):
     losses = out8.losses()
     assert len(losses) == 6 and math.isnan(losses[2]) and all(math.isfinite(x) for i, x in enumerate(losses) if i != 2)
     np.testing.assert_allclose(out1.losses(), losses, rtol=1e-5)
-    assert_close(state1, state8, rtol=1e-5)
+    assert_state_close(state1, state8)
     assert int(state8[".step"]) == 6 and int(state8[".ema_step"]) == 5
     assert int(state8[".nonfinite_total"]) == 1 and int(state8[".nonfinite_run"]) == 0
     assert out8.logs[3]["nonfinite_total"] == 1 and out8.logs[3]["update_norm"] == 0.0
@@ -72,7 +65,7 @@ def test_restore_onto_other_device_count_continues_identically(runs, tmp_path, s
     resumed = dataclasses.replace(config, output_dir=str(tmp_path), resume_from_checkpoint=checkpoint)
     state, outputs = run(resumed, restored_on, nan_at=(2,))
     assert sorted(outputs.logs) == [3, 4, 5, 6]
-    assert_close(state, final, rtol=1e-5)
+    assert_state_close(state, final)
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(runs, tmp_path):
@@ -104,7 +97,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_counts_optimizer_steps(r
                                       gradient_accumulation_steps=2)
     state, outputs = run(accumulated, 4, nan_at=(2,))
     np.testing.assert_allclose(outputs.losses(), reference.losses(), rtol=1e-5)
-    assert_close(state, final, rtol=1e-5)
+    assert_state_close(state, final)
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,

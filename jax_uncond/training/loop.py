@@ -81,10 +81,6 @@ def build_model(config: Any) -> Any:
                                             gradient_checkpointing=config.gradient_checkpointing)
     except ValueError as e:
         raise UsageError(f"the UNet config ({config.model_config_name_or_path or 'preset or default'}): {e}") from e
-    factor = 2 ** (len(model.block_out_channels) - 1)
-    if config.resolution % factor:
-        raise UsageError(f"--resolution {config.resolution} must be a multiple of {factor}: the UNet's "
-                         f"{len(model.block_out_channels)} levels halve it {len(model.block_out_channels) - 1} times")
     return model
 
 
@@ -94,6 +90,14 @@ def build_scheduler(config: Any) -> Any:
 
     return FlaxDDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
                              prediction_type=config.prediction_type)
+
+
+def check_resolution(config: Any, model: Any) -> None:
+    """The UNet halves its input once per down block but the last: --resolution must divide."""
+    factor = 2 ** (len(model.config["block_out_channels"]) - 1)
+    if config.resolution % factor:
+        raise UsageError(f"--resolution {config.resolution} does not fit the UNet, which halves its input "
+                         f"{factor.bit_length() - 1} times: use a multiple of {factor}")
 
 
 def global_batch_size(config: Any, mesh: Mesh) -> int:
@@ -117,6 +121,7 @@ def run(config: Any) -> None:
     model = build_model(config)
     # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
     config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
+    check_resolution(config, model)
     scheduler = build_scheduler(config)
     batch = global_batch_size(config, mesh)
     resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
@@ -183,7 +188,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                                    config.checkpoints_total_limit)
     if resume is None:
         state = jax.jit(init_state, out_shardings=state_sharding)()
-        why = "no checkpoint in the output folder" if config.resume_from_checkpoint == "latest" else "no --resume"
+        why = ("no checkpoint in the output folder yet" if config.resume_from_checkpoint == "latest"
+               else "--resume_from_checkpoint not given")
         say(f"start: fresh initialisation (seed {config.seed}; {why})")
     else:
         directory, resume_step = resume
@@ -212,6 +218,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last: dict[str, float] = {}
     window = (start, time.perf_counter())
+    aside = 0.0  # seconds spent saving and sampling, kept out of the throughput figures
     figures: dict[str, float] = {}
     bar = tqdm(total=max_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
     step = start
@@ -236,23 +243,24 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 _check_finite(values, done_step, config.max_nonfinite_steps)
                 outputs.log(done_step, values)
             if step == start + 2:
-                window = (step, time.perf_counter())  # time from here on: compile and warm-up excluded
+                window, aside = (step, time.perf_counter()), 0.0  # from here on: compile and warm-up excluded
             elif step > start + 2:
-                figures.update(throughput.report(step - window[0], time.perf_counter() - window[1]))
+                figures.update(throughput.report(step - window[0], time.perf_counter() - window[1] - aside))
                 outputs.log(step, figures)
             bar.update(1)
             bar.set_postfix(epoch=(step - 1) // steps_per_epoch, step=step, loss=f"{last.get('loss', math.nan):.4g}",
                             lr=f"{last.get('lr', math.nan):.3g}", img_s=f"{figures.get('images_per_s', 0):.1f}",
                             refresh=False)
 
-            if checkpoints.should_save(step) or step == max_steps:
+            paused = time.perf_counter()
+            preempted = preemption.reached(checkpoints, step)
+            if checkpoints.should_save(step) or step == max_steps or preempted:
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
                 outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
                                   last=step == max_steps)
-            if preemption.reached(checkpoints, step):
-                if step not in checkpoints.all_steps():
-                    checkpoints.save(step, state, loader.get_state(), to_dict(config))
+            aside += time.perf_counter() - paused
+            if preempted:
                 checkpoints.wait()
                 say(f"stopped by SIGTERM at step {step}: checkpoint saved in {checkpoints.path(step)}; "
                     "rerun with --resume_from_checkpoint latest to continue")
