@@ -6,7 +6,7 @@ and 2 worker processes by:
   - the PyTorch script's way: `torch.utils.data.DataLoader(shuffle=True, num_workers=W)` over the same
     `datasets` imagefolder with the same transforms (torchvision itself does not import beside the CPU
     torch here, so its PIL-based transforms run as the equivalent PIL calls).
-The train step's consumption rate comes from `train_step_images_per_second` (a hook for the engine).
+The train step's consumption rate comes from `train_step_images_per_second` (bench_train.py's CPU UNet).
 
     python benchmarks/bench_data.py [--images 384] [--batch_size 32] [--batches 24]
 """
@@ -28,11 +28,15 @@ RESOLUTIONS = (64, 128)
 WORKERS = (0, 1, 2)
 
 
-def train_step_images_per_second(resolution: int, batch_size: int) -> float | None:
-    """HOOK (coordinator: fill in once the engine is on main): images/s one jitted train step of the default
-    training config consumes on this machine at `resolution` and `batch_size`; None while there is no engine."""
-    del resolution, batch_size
-    return None
+def train_step_images_per_second(resolution: int, batch_size: int) -> float:
+    """Images/s the engine's compiled train step consumes on this machine (bench_train.py's CPU preset UNet
+    at `resolution`, global batch `batch_size`): the rate the loader has to keep up with."""
+    from bench_train import PRESETS, bench_config, jax_runner
+
+    run, _ = jax_runner(bench_config(PRESETS["cpu"], resolution, batch_size))
+    steps = 4
+    run(steps)  # warm-up
+    return steps * batch_size / min(run(steps) for _ in range(2))
 
 
 def make_jpeg_folder(root: str, count: int) -> str:
@@ -142,7 +146,7 @@ def main() -> None:
                 print(f"{resolution:>4} {workers:>7} {ours:>12.0f} "
                       f"{'-' if theirs is None else f'{theirs:.0f}':>12} "
                       f"{'-' if theirs is None else f'{ours / theirs:.2f}':>6} "
-                      f"{'(no engine yet)' if step is None else f'{step:.0f}':>11}", flush=True)
+                      f"{step:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

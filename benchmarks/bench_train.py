@@ -42,6 +42,13 @@ PRESETS = {
 }
 
 
+def bench_config(preset: dict, resolution: int, batch: int):
+    """The TrainConfig of a preset's UNet at `resolution` and global `batch`, EMA on."""
+    config = parse_args(["--resolution", str(resolution), "--global_batch_size", str(batch),
+                         "--mixed_precision", preset["precision"], "--use_ema"])
+    return dataclasses.replace(config, unet={**preset["unet"], "sample_size": resolution})
+
+
 def jax_runner(config):
     """(run(n) -> seconds for n steps, figures): the engine's compiled step on every local device."""
     mesh = sharding.make_mesh(jax.local_devices())
@@ -156,9 +163,7 @@ def main() -> None:
     preset = PRESETS[args.preset]
     batch, steps = args.batch or preset["batch"], args.steps or preset["steps"]
     unet_config = dict(preset["unet"])
-    config = parse_args(["--resolution", str(preset["resolution"]), "--global_batch_size", str(batch),
-                         "--mixed_precision", preset["precision"], "--use_ema"])
-    config = dataclasses.replace(config, unet={**unet_config, "sample_size": preset["resolution"]})
+    config = bench_config(preset, preset["resolution"], batch)
     if args.side:  # no persistent compilation cache: the compile time printed is a cold compile
         print(RESULT, json.dumps(measure(args.side, config, unet_config, steps, args.rounds)))
         return

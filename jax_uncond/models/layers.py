@@ -209,7 +209,8 @@ class Attention(nn.Module):
     """diffusers' spatial self-attention (`Attention(..., _from_deprecated_attn_block=True)`).
 
     heads = channels // head_dim; the residual is added and the sum divided by rescale_output_factor.
-    The product runs through `jax.nn.dot_product_attention` (softmax in float32).
+    The product runs through `jax.nn.dot_product_attention` (softmax in float32; float16 inputs are
+    attended in float32).
     """
 
     head_dim: int
@@ -235,6 +236,10 @@ class Attention(nn.Module):
             dense(inner, name=name, **kw)(h).reshape(b, height * width, heads, self.head_dim)
             for name in ("to_q", "to_k", "to_v")
         )
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        if q.dtype == jnp.float16:
+            # float16 logits overflow past 65504, and XLA:CPU has no float16 product with float32
+            # accumulation: fp16 (GPUs without bf16, which have no flash attention either) attends in float32.
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation).astype(self.dtype)
         out = dense(channels, name="to_out_0", **kw)(out.reshape(b, height * width, inner))
         return ((out.reshape(x.shape) + x) / self.rescale_output_factor).astype(self.dtype)
