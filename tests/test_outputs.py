@@ -195,21 +195,21 @@ def test_push_to_hub_uploads_without_checkpoints_or_secret(tmp_path, fake_pipeli
     outputs, config = make(tmp_path, "--push_to_hub", "--hub_token", SECRET, "--hub_private_repo",
                            "--eval_batch_size", "2")
     assert calls["create"] == ("run", SECRET, True, True)
-    (tmp_path / "run" / out.CHECKPOINTS_DIR / "5").mkdir(parents=True)
+    (tmp_path / "run" / out.CHECKPOINTS_SUBDIR / "5").mkdir(parents=True)
     outputs.log(5, {"loss": 1.0})
     outputs.epoch_end(0, {"w": np.float32(1.0)}, last=True)
     outputs.close({"steps": 5})
     (upload,) = calls["upload"]
     assert upload["repo_id"] == "me/run" and upload["folder_path"] == str(tmp_path / "run")
     assert upload["token"] == SECRET and upload["commit_message"] == "Epoch 0"
-    assert f"{out.CHECKPOINTS_DIR}/*" in upload["ignore_patterns"]
+    assert f"{out.CHECKPOINTS_SUBDIR}/*" in upload["ignore_patterns"]
     from huggingface_hub.utils import filter_repo_objects
 
     uploaded = list(filter_repo_objects(
         [os.path.relpath(p, tmp_path / "run") for p in glob.glob(str(tmp_path / "run" / "**"), recursive=True)
-         if os.path.isfile(p)] + [f"{out.CHECKPOINTS_DIR}/5/params"], ignore_patterns=upload["ignore_patterns"]))
+         if os.path.isfile(p)] + [f"{out.CHECKPOINTS_SUBDIR}/5/params"], ignore_patterns=upload["ignore_patterns"]))
     assert "model_index.json" in uploaded and any(p.startswith("logs/") for p in uploaded)
-    assert not any(p.startswith(out.CHECKPOINTS_DIR) for p in uploaded)
+    assert not any(p.startswith(out.CHECKPOINTS_SUBDIR) for p in uploaded)
     for path in glob.glob(str(tmp_path / "run" / "**"), recursive=True):
         if os.path.isfile(path):
             with open(path, "rb") as f:

@@ -23,15 +23,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
+from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
 from jax_uncond.training.config import to_dict
 
 RUN_NAME = "train_unconditional"
 """The tracker's run name, as in diffusers' script: TensorBoard events go to output_dir/logging_dir/RUN_NAME."""
 SAMPLES_DIR = "samples"
 """Sample grids are written to output_dir/SAMPLES_DIR/epoch_XXXX.png."""
-CHECKPOINTS_DIR = "checkpoints"
-"""The engine's Orbax checkpoints live in output_dir/CHECKPOINTS_DIR; never uploaded."""
-HUB_IGNORE_PATTERNS = (f"{CHECKPOINTS_DIR}/*", "step_*", "epoch_*", ".*")
+HUB_IGNORE_PATTERNS = (f"{CHECKPOINTS_SUBDIR}/*", "step_*", "epoch_*", ".*")
+"""Never uploaded: the engine's Orbax checkpoints (and the PyTorch script's own ignore patterns)."""
 SAMPLE_SEED_SALT = 0x5A3D
 """Folded into --seed for the sample-grid noise: every grid starts from the same noise, so grids compare."""
 
