@@ -75,7 +75,8 @@ def export(source: str, output_dir: str, ema: bool | None = None) -> str:
     if ema and not config.use_ema:
         raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
     ema = config.use_ema if ema is None else ema
-    config = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False)
+    config = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
+                                 enable_xformers_memory_efficient_attention=False)
     model = build_model(config)
     params = restore_weights(directory, step, config, model, ema)
     FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(config)).save_pretrained(output_dir, {"unet": params})

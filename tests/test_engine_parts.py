@@ -223,3 +223,16 @@ def test_train_state_round_trips_through_a_checkpoint(tmp_path, use_ema, fp16):
     assert float(restored.loss_scale) == (65536.0 if fp16 else 1.0)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_xformers_flag_means_cudnn_flash_attention_only_where_it_runs(monkeypatch):
+    from jax_uncond.training import loop
+
+    def config(flag, precision):
+        return SimpleNamespace(enable_xformers_memory_efficient_attention=flag, mixed_precision=precision)
+
+    assert loop.attention_implementation(config(True, "bf16")) is None  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert loop.attention_implementation(config(True, "bf16")) == "cudnn"
+    assert loop.attention_implementation(config(True, "fp16")) is None  # fp16 attends in float32
+    assert loop.attention_implementation(config(False, "bf16")) is None

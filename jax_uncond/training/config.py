@@ -65,8 +65,9 @@ def _flags() -> list[Flag]:
           "config.json file. Default: the 6-level 64x64 UNet of diffusers' example.", str, group="model"),
         F("gradient_checkpointing", False, "Rematerialise each UNet block in the backward pass: less memory, "
           "about a third more compute.", store_true=True, group="model", pytorch=False),
-        F("enable_xformers_memory_efficient_attention", False, "Accepted for compatibility: attention always uses "
-          "the fastest implementation available (cuDNN flash attention on GPUs).", store_true=True, group="model"),
+        F("enable_xformers_memory_efficient_attention", False, "Memory-efficient attention: cuDNN flash attention "
+          "on NVIDIA GPUs with --mixed_precision bf16; elsewhere XLA's attention, with a note.", store_true=True,
+          group="model"),
         # --- training
         F("output_dir", "ddpm-model-64", "Where the DDPMPipeline folder, checkpoints, logs and samples are written.",
           str, group="training"),

@@ -72,13 +72,26 @@ def unet_config(config: Any) -> dict[str, Any]:
         return json.load(f)
 
 
+def attention_implementation(config: Any) -> str | None:
+    """`--enable_xformers_memory_efficient_attention`: cuDNN flash attention where it runs (NVIDIA GPUs,
+    bfloat16), else XLA's attention (None); the PyTorch script's xformers is likewise opt-in."""
+    if not config.enable_xformers_memory_efficient_attention:
+        return None
+    if jax.default_backend() == "gpu" and config.mixed_precision == "bf16":
+        return "cudnn"
+    say("--enable_xformers_memory_efficient_attention: cuDNN flash attention needs an NVIDIA GPU and "
+        "--mixed_precision bf16; using XLA's attention")
+    return None
+
+
 def build_model(config: Any) -> Any:
     """The Flax UNet in the run's compute dtype (parameters stay float32); a bad config is a usage error."""
     from jax_uncond.models.unet_2d import FlaxUNet2DModel
 
     try:
         model = FlaxUNet2DModel.from_config(unet_config(config), dtype=COMPUTE_DTYPES[config.mixed_precision],
-                                            gradient_checkpointing=config.gradient_checkpointing)
+                                            gradient_checkpointing=config.gradient_checkpointing,
+                                            attention_implementation=attention_implementation(config))
     except ValueError as e:
         raise UsageError(f"the UNet config ({config.model_config_name_or_path or 'preset or default'}): {e}") from e
     return model
