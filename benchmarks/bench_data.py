@@ -6,7 +6,7 @@ and 2 worker processes by:
   - the PyTorch script's way: `torch.utils.data.DataLoader(shuffle=True, num_workers=W)` over the same
     `datasets` imagefolder with the same transforms (torchvision itself does not import beside the CPU
     torch here, so its PIL-based transforms run as the equivalent PIL calls).
-The train step's consumption rate comes from `train_step_images_per_second` (bench_train.py's CPU UNet).
+The train step's consumption rate comes from `train_step_images_per_second` (the quickstart UNet).
 
     python benchmarks/bench_data.py [--images 384] [--batch_size 32] [--batches 24]
 """
@@ -22,18 +22,22 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 RESOLUTIONS = (64, 128)
 WORKERS = (0, 1, 2)
 
 
 def train_step_images_per_second(resolution: int, batch_size: int) -> float:
-    """Images/s the engine's compiled train step consumes on this machine (bench_train.py's CPU preset UNet
-    at `resolution`, global batch `batch_size`): the rate the loader has to keep up with."""
-    from bench_train import PRESETS, bench_config, jax_runner
+    """Images/s the engine's compiled train step consumes on this machine, for the quickstart preset's UNet
+    (the CPU training config) at `resolution` and global batch `batch_size`: the rate the loader must beat."""
+    from bench_train import bench_config, jax_runner
 
-    run, _ = jax_runner(bench_config(PRESETS["cpu"], resolution, batch_size))
+    from jax_uncond.training.config import load_preset
+
+    unet = load_preset(os.path.join(ROOT, "configs", "quickstart.yaml"))["unet"]
+    run, _ = jax_runner(bench_config({"unet": unet, "precision": "no"}, resolution, batch_size))
     steps = 4
     run(steps)  # warm-up
     return steps * batch_size / min(run(steps) for _ in range(2))
