@@ -49,6 +49,8 @@ class ArrayLoader:
     """The data loader's interface over fixed random images: epoch e's order is a permutation
     seeded by (seed, e); the position is the number of global batches consumed."""
 
+    skipped_files = 0
+
     def __init__(self, mesh: Any, batch_size: int, seed: int = 0, num_examples: int = NUM_IMAGES,
                  resolution: int = 8, nan_at: tuple[int, ...] = ()):
         self.mesh = mesh

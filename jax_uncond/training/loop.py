@@ -288,9 +288,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     summary = {"step": step, "loss": last.get("loss", math.nan), "nonfinite_steps": int(last.get("nonfinite_total", 0)),
-               **figures}
-    if hasattr(loader, "skipped_files"):
-        summary["skipped_files"] = loader.skipped_files
+               **figures, "skipped_files": loader.skipped_files}
     outputs.close(summary)
     return state
 
