@@ -1,4 +1,4 @@
-"""The presets in configs/ parse and their UNets build; the README's flag table lists every flag."""
+"""The presets in configs/ parse and their UNets build; docs/flags.md's table lists every flag."""
 
 import glob
 import os
@@ -28,14 +28,14 @@ def test_preset_parses_and_says_what_it_reproduces(path):
     assert config.config == path
 
 
-def test_readme_table_lists_every_flag():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    table = readme[readme.index("| PyTorch `train_unconditional.py` |"):].split("\n\n")[0]
+def test_flag_table_lists_every_flag():
+    with open(os.path.join(ROOT, "docs", "flags.md")) as f:
+        page = f.read()
+    table = page[page.index("| PyTorch `train_unconditional.py` |"):].split("\n\n")[0]
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
     cells = {name for row in rows for name in re.findall(r"`--([a-z0-9_]+)`", row)}
     missing = [f.name for f in cfg.FLAGS if f.name not in cells]
-    assert not missing, f"README flag table lacks {missing}"
+    assert not missing, f"docs/flags.md flag table lacks {missing}"
     pytorch_rows = {re.findall(r"`--([a-z0-9_]+)`", row.split("|")[1])[0] for row in rows
                     if re.search(r"`--", row.split("|")[1])}
     assert pytorch_rows == {f.name for f in cfg.FLAGS if f.pytorch}
