@@ -28,7 +28,7 @@ from jax_uncond.training import metrics, sharding  # noqa: E402
 from jax_uncond.training.config import parse_args  # noqa: E402
 from jax_uncond.training.loop import SEED_UNET_CONFIG, build_model, build_scheduler  # noqa: E402
 from jax_uncond.training.optim import make_optimizer  # noqa: E402
-from jax_uncond.training.state import create_train_state  # noqa: E402
+from jax_uncond.training.state import make_init_fn  # noqa: E402
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402
 
 RESULT = "RESULT"
@@ -55,7 +55,7 @@ def jax_runner(config):
     model, scheduler = build_model(config), build_scheduler(config)
     optimizer, schedule = make_optimizer(config, 10_000, model)
     key = jax.random.key(0)
-    state = jax.jit(lambda: create_train_state(model.init_weights(key), optimizer, config.use_ema, False),
+    state = jax.jit(make_init_fn(config, model, optimizer, key),
                     out_shardings=sharding.replicated(mesh))()
     shape = (config.global_batch_size, 3, config.resolution, config.resolution)
     images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32),

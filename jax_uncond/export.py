@@ -54,11 +54,10 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
     from jax_uncond.training import checkpoint as ckpt
     from jax_uncond.training import sharding
     from jax_uncond.training.optim import make_optimizer
-    from jax_uncond.training.state import create_train_state
+    from jax_uncond.training.state import train_state_shapes
 
     optimizer, _ = make_optimizer(config, 1, model)
-    shapes = jax.eval_shape(lambda: create_train_state(model.init_weights(jax.random.key(0)), optimizer,
-                                                       config.use_ema, config.mixed_precision == "fp16"))
+    shapes = train_state_shapes(config, model, optimizer)
     mesh = sharding.make_mesh(jax.devices()[:1])
     manager = ckpt.Checkpoints(directory, every=1, read_only=True)
     state, _, _ = manager.restore(step, ckpt.abstract_state(shapes, mesh))

@@ -15,7 +15,7 @@ from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import metrics
 from jax_uncond.training.loop import NonFiniteError, train
 from jax_uncond.training.optim import make_optimizer
-from jax_uncond.training.state import create_train_state
+from jax_uncond.training.state import train_state_shapes
 from jax_uncond.training.sharding import make_mesh
 
 
@@ -79,7 +79,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     mesh = make_mesh(jax.devices()[:8])
     model, _ = build_parts(config)
     optimizer, _ = make_optimizer(config, 6, model)
-    shapes = jax.eval_shape(lambda: create_train_state(model.init_weights(jax.random.key(0)), optimizer, True, False))
+    shapes = train_state_shapes(config, model, optimizer)
     restored = {s: host_state(checkpoints.restore(s, ckpt.abstract_state(shapes, mesh))[0]) for s in (2, 4, 6)}
     assert int(restored[2][".nonfinite_total"]) == 1 and int(restored[2][".ema_step"]) == 1
     assert int(restored[6][".nonfinite_total"]) == 4 and int(restored[6][".nonfinite_run"]) == 3

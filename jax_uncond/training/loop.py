@@ -25,7 +25,7 @@ from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import distributed, metrics, sharding
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
-from jax_uncond.training.state import TrainState, create_train_state
+from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
 
 SEED_UNET_CONFIG = {
@@ -190,12 +190,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     optimizer, schedule = make_optimizer(config, max_steps, model)
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
-    fp16 = config.mixed_precision == "fp16"
-
-    def init_state() -> TrainState:
-        return create_train_state(model.init_weights(init_key), optimizer, config.use_ema, fp16)
-
-    shapes = jax.eval_shape(init_state)
+    init_state = make_init_fn(config, model, optimizer, init_key)
+    shapes = train_state_shapes(config, model, optimizer)
     state_sharding = sharding.state_shardings(mesh, shapes)
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
                                    config.checkpoints_total_limit)

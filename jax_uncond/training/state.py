@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jax_uncond.training.config import TrainConfig
 
 FP16_INITIAL_LOSS_SCALE = 2.0**16
 """PyTorch's `GradScaler` default `init_scale`."""
@@ -49,3 +51,17 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, use
         nonfinite_run=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
     )
+
+
+def make_init_fn(config: TrainConfig, model: Any, optimizer: optax.GradientTransformation,
+                 key: jax.Array) -> Callable[[], TrainState]:
+    """The run's fresh-state function: `model.init_weights(key)` wrapped with the optimizer, EMA and
+    loss scale the config asks for. `jax.jit(fn, out_shardings=...)()` creates it on the devices."""
+    fp16 = config.mixed_precision == "fp16"
+    return lambda: create_train_state(model.init_weights(key), optimizer, config.use_ema, fp16)
+
+
+def train_state_shapes(config: TrainConfig, model: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """The shapes and dtypes of every leaf of the run's TrainState (no memory, no compute): the one
+    place the loop, the exporter and the evaluator get the checkpoint's structure from."""
+    return jax.eval_shape(make_init_fn(config, model, optimizer, jax.random.key(0)))
