@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
 
@@ -24,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("pipeline_dir", help="A DDPMPipeline folder (model_index.json, unet/, scheduler/).")
     parser.add_argument("--num_images", type=int, default=16, help="How many images (default: %(default)s).")
     parser.add_argument("--out", required=True, help="Folder for the PNG files (created if missing).")
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm",
-                        help="ddpm: the folder's scheduler; ddim: DDIM (eta 0) from the same noise schedule, "
-                             "good with far fewer steps (default: %(default)s).")
+    parser.add_argument("--scheduler", choices=tuple(SAMPLERS), default="ddpm",
+                        help="ddpm: the folder's scheduler; the others are built from its noise schedule, "
+                             "e.g. ddim (eta 0), good with far fewer steps (default: %(default)s).")
     parser.add_argument("--steps", type=int, default=None,
                         help="Denoising steps (default: the training steps for ddpm, 50 for ddim).")
     parser.add_argument("--batch_size", type=int, default=16,
@@ -45,14 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(args.pipeline_dir, "model_index.json")):
         parser.error(f"{args.pipeline_dir} is not a DDPMPipeline folder (no model_index.json)")
     from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
-    from jax_uncond.schedulers import FlaxDDIMScheduler
 
     pipeline, params = FlaxDDPMPipeline.from_pretrained(args.pipeline_dir)
-    scheduler = None
-    steps = args.steps or pipeline.scheduler.config["num_train_timesteps"]
-    if args.scheduler == "ddim":
-        scheduler = FlaxDDIMScheduler.from_config(pipeline.scheduler.config)
-        steps = args.steps or 50
+    scheduler = None if args.scheduler == "ddpm" else make_sampler(args.scheduler, pipeline.scheduler.config)
+    steps = args.steps or default_steps(args.scheduler, len(pipeline.scheduler))
     os.makedirs(args.out, exist_ok=True)
     key = jax.random.key(args.seed)
     chunks = []
