@@ -2,12 +2,14 @@
 
 import sys
 
+from jax_uncond import xla_flags
 from jax_uncond.errors import UsageError
 from jax_uncond.training.config import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    xla_flags.apply()
     from jax_uncond.training.loop import run
 
     try:

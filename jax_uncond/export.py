@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 
+from jax_uncond import xla_flags
 from jax_uncond.errors import UsageError
 
 
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="Export the EMA weights (default when the run kept them) or, with --no-ema, the raw ones.")
     args = parser.parse_args(argv)
+    xla_flags.apply()
     try:
         print(export(args.source, args.output_dir, args.ema))
     except UsageError as e:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jax_uncond import xla_flags
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    xla_flags.apply()
     for name in ("num_images", "steps", "batch_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
