@@ -134,6 +134,11 @@ def _flags() -> list[Flag]:
         F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
         F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
+        F("logging_steps", 10, "Log the metrics (loss, lr, norms, images/s) every this many optimizer steps; "
+          "non-finite steps are caught at every step whatever this is.", int, group="logging", pytorch=False),
+        F("profile_steps", None, "START:END: write a jax.profiler trace of optimizer steps START to END-1 to "
+          "--logging_dir (open it with TensorBoard's profile plugin or Perfetto). Off by default.", str,
+          group="logging", pytorch=False),
         # --- distributed
         F("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and "
           "SLURM/Open MPI (which are detected).", str, group="distributed", pytorch=False),
@@ -233,15 +238,28 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
         parser.error(str(e))
 
 
+def profile_window(spec: str) -> tuple[int, int]:
+    """`--profile_steps START:END` -> (START, END), 0 <= START < END; a ValueError naming the flag otherwise."""
+    try:
+        start, end = (int(part) for part in str(spec).split(":"))
+    except ValueError:
+        start = end = -1
+    if not 0 <= start < end:
+        raise ValueError(f"--profile_steps {spec!r}: expected START:END with 0 <= START < END, e.g. 10:20")
+    return start, end
+
+
 def validate(config: Any) -> Any:
     """Checks that need no file system or devices; raises ValueError naming the flag."""
     positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                 "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
-                "checkpointing_steps", "max_nonfinite_steps"]
+                "checkpointing_steps", "max_nonfinite_steps", "logging_steps"]
     for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit"]:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
+    if config.profile_steps is not None:
+        profile_window(config.profile_steps)
     if config.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
     if config.dataset_name is not None and config.train_data_dir is not None:
