@@ -16,6 +16,10 @@ CPU_FLAGS: dict[str, str] = {
     # analysis; without it the donated train state is copied every step (params and both Adam
     # moments: three extra passes over the weights), because the EMA and the metrics read them too.
     "xla_cpu_copy_insertion_use_region_analysis": "true",
+    # YNNPACK (XLA's default CPU kernels for products, reductions and convolutions) runs a convolution
+    # on one thread; Eigen's splits it over the cores (as fast on one core, 1.8x on two). Products and
+    # reductions stay with YNNPACK, the fastest there.
+    "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
 }
 """Flag name (without the leading --) -> value."""
 

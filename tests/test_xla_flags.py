@@ -8,8 +8,9 @@ from jax_uncond import xla_flags
 def test_flags_are_added_and_a_users_own_setting_wins(monkeypatch):
     added = xla_flags.merged("")
     assert added.split() == [f"--{name}={value}" for name, value in xla_flags.CPU_FLAGS.items()]
-    name = next(iter(xla_flags.CPU_FLAGS))
-    assert xla_flags.merged(f"--{name}=false") == f"--{name}=false"
+    for name, value in xla_flags.CPU_FLAGS.items():
+        users = xla_flags.merged(f"--{name}=mine")
+        assert users.startswith(f"--{name}=mine") and f"--{name}={value}" not in users
     assert xla_flags.merged("--xla_force_host_platform_device_count=8").startswith(
         "--xla_force_host_platform_device_count=8 --")
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
