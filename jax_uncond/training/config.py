@@ -134,7 +134,7 @@ def _flags() -> list[Flag]:
         F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
         F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
-        F("logging_steps", 10, "Log the metrics (loss, lr, norms, images/s) every this many optimizer steps; "
+        F("logging_steps", 50, "Log the metrics (loss, lr, norms, images/s) every this many optimizer steps; "
           "non-finite steps are caught at every step whatever this is.", int, group="logging", pytorch=False),
         F("profile_steps", None, "START:END: write a jax.profiler trace of optimizer steps START to END-1 to "
           "--logging_dir (open it with TensorBoard's profile plugin or Perfetto). Off by default.", str,
