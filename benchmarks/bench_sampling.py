@@ -13,6 +13,7 @@ minus a steady call), measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -22,6 +23,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jax_uncond import xla_flags  # noqa: E402
+
+xla_flags.apply()  # as `python -m jax_uncond.sample` does, before the backend starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--batch_size", type=int, help="images per call (default: the preset's)")
     parser.add_argument("--steps", type=int, help="denoising steps per call (default: the preset's)")
+    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"],
+                        help="ddpm, ddim, or NAME:STEPS to give one its own step count (e.g. ddim:50 ddpm:1000)")
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--precision", choices=DTYPES, default="fp32", help="UNet compute dtype on both sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--torch_threads", type=int,
@@ -65,7 +72,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    batch, steps = args.batch_size or preset["batch"], args.steps or preset["steps"]
+    batch = args.batch_size or preset["batch"]
     jax_dtype, torch_dtype = DTYPES[args.precision]
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -85,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"JAX {jax.__version__} on {len(jax.local_devices())} x {jax.local_devices()[0].device_kind}; "
           f"PyTorch {torch.__version__} on {device} ({torch.get_num_threads()} CPU threads)")  # fmt: skip
     print(f"UNet {preset['unet']['block_out_channels']} at {preset['resolution']}x{preset['resolution']}, "
-          f"batch {batch}, {steps} steps, {args.precision}")  # fmt: skip
-    for name in ("ddpm", "ddim"):
+          f"batch {batch}, {args.precision}")  # fmt: skip
+    results = []
+    for sampler in args.samplers:
+        name, _, own_steps = sampler.partition(":")
+        steps = int(own_steps or args.steps or preset["steps"])
         key = jax.random.key(0)
 
         def run_jax() -> None:
@@ -111,8 +121,14 @@ def main(argv: list[str] | None = None) -> None:
 
         run_torch(2)  # warm-up (kernels, allocator)
         torch_s = median_seconds(run_torch, args.repeats)
-        print(f"{name}: jax {batch / jax_s:8.2f} img/s   diffusers {batch / torch_s:8.2f} img/s   "
+        print(f"{name} ({steps} steps): jax {batch / jax_s:8.2f} img/s   diffusers {batch / torch_s:8.2f} img/s   "
               f"ratio {torch_s / jax_s:5.2f}x   (jax compile {first - jax_s:.1f} s)")  # fmt: skip
+        results.append({"sampler": name, "steps": steps, "jax_images_per_s": batch / jax_s,
+                        "torch_images_per_s": batch / torch_s, "ratio": torch_s / jax_s, "jax_compile_s": first - jax_s})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "batch": batch, "precision": args.precision, "device": device,
+                       "jax_device": jax.local_devices()[0].device_kind, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
