@@ -23,13 +23,7 @@ UNET_CONFIG = dict(
 BATCH = 8  # divisible by the 8 test devices: the batch is sharded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's OpenMP threads crawl on a shared, oversubscribed CPU (1 s per tiny UNet call with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
