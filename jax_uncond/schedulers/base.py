@@ -216,11 +216,14 @@ class FlaxSchedulerBase:
         )  # fmt: skip
 
     def _state_arrays(self, timesteps: np.ndarray, **arrays: Any) -> dict[str, jax.Array]:
-        """`timesteps` (int32, or float32 where fractional) and float32 arrays, transferred explicitly
-        (fine under a transfer guard)."""
-        dtype = np.int32 if np.issubdtype(timesteps.dtype, np.integer) else np.float32
-        arrays = {"timesteps": timesteps.astype(dtype), **{k: np.asarray(v, np.float32) for k, v in arrays.items()}}
-        return jax.device_put(arrays)
+        """`timesteps` and the other state arrays as int32 (integers: timesteps, step counters) or float32,
+        transferred explicitly (fine under a transfer guard)."""
+
+        def cast(value: Any) -> np.ndarray:
+            value = np.asarray(value)
+            return value.astype(np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32)
+
+        return jax.device_put({"timesteps": cast(timesteps), **{k: cast(v) for k, v in arrays.items()}})
 
     def scale_model_input(self, state: Any, sample: jax.Array, timestep: int | None = None) -> jax.Array:
         """DDPM and DDIM do not scale the model input (kept for interchangeability with other schedulers)."""

@@ -150,12 +150,11 @@ class FlaxDPMSolverMultistepScheduler(FlaxSchedulerBase):
         """A state that samples `shape`-d samples (the history's shape) with `num_inference_steps` steps.
         Host-side: the count fixes array shapes, and the update weights are computed here."""
         timesteps, sigmas = self._timesteps_and_sigmas(state, num_inference_steps)
-        return state.replace(
-            **self._state_arrays(timesteps, sigmas=sigmas, coefficients=self._coefficients(sigmas)),
-            model_outputs=jnp.zeros((self._config["solver_order"], *shape), jnp.float32),
-            step_index=jnp.zeros((), jnp.int32),
-            num_inference_steps=len(timesteps),
-        )
+        arrays = self._state_arrays(
+            timesteps, sigmas=sigmas, coefficients=self._coefficients(sigmas), step_index=0,
+            model_outputs=np.zeros((self._config["solver_order"], *shape), np.float32),
+        )  # fmt: skip
+        return state.replace(**arrays, num_inference_steps=len(timesteps))
 
     def _timesteps_and_sigmas(
         self, state: DPMSolverMultistepSchedulerState, num_inference_steps: int

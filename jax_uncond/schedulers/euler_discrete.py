@@ -58,19 +58,19 @@ class FlaxEulerSchedulerBase(FlaxSchedulerBase):
         sigmas = training_sigmas(sigma_alphas_cumprod(common, self._config["rescale_betas_zero_snr"]))[::-1]
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         arrays = self._state_arrays(
-            np.arange(len(self), dtype=np.float32)[::-1], sigmas=sigmas,
+            np.arange(len(self), dtype=np.float32)[::-1], sigmas=sigmas, step_index=0,
             init_noise_sigma=initial_sigma(sigmas, self._config["timestep_spacing"]),
         )  # fmt: skip
-        return EulerDiscreteSchedulerState(common=common, step_index=jnp.zeros((), jnp.int32), **arrays)
+        return EulerDiscreteSchedulerState(common=common, **arrays)
 
     def _state(
         self, state: EulerDiscreteSchedulerState, timesteps: np.ndarray, sigmas: np.ndarray, num_inference_steps: int
     ) -> EulerDiscreteSchedulerState:
         arrays = self._state_arrays(
-            timesteps.astype(np.float32), sigmas=sigmas,
+            timesteps.astype(np.float32), sigmas=sigmas, step_index=0,
             init_noise_sigma=initial_sigma(sigmas, self._config["timestep_spacing"]),
         )  # fmt: skip
-        return state.replace(**arrays, step_index=jnp.zeros((), jnp.int32), num_inference_steps=num_inference_steps)
+        return state.replace(**arrays, num_inference_steps=num_inference_steps)
 
     def scale_model_input(
         self, state: EulerDiscreteSchedulerState, sample: jax.Array, timestep: float | jax.Array | None = None

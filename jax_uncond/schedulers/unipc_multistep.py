@@ -145,13 +145,12 @@ class FlaxUniPCMultistepScheduler(FlaxSchedulerBase):
         Host-side: the count fixes array shapes, and the update weights are computed here."""
         timesteps, sigmas = self._timesteps_and_sigmas(state, num_inference_steps)
         corrector, predictor = self._coefficients(sigmas)
-        return state.replace(
-            **self._state_arrays(timesteps, sigmas=sigmas, corrector=corrector, predictor=predictor),
-            model_outputs=jnp.zeros((self._config["solver_order"], *shape), jnp.float32),
-            last_sample=jnp.zeros(shape, jnp.float32),
-            step_index=jnp.zeros((), jnp.int32),
-            num_inference_steps=len(timesteps),
-        )
+        arrays = self._state_arrays(
+            timesteps, sigmas=sigmas, corrector=corrector, predictor=predictor, step_index=0,
+            model_outputs=np.zeros((self._config["solver_order"], *shape), np.float32),
+            last_sample=np.zeros(shape, np.float32),
+        )  # fmt: skip
+        return state.replace(**arrays, num_inference_steps=len(timesteps))
 
     def _timesteps_and_sigmas(
         self, state: UniPCMultistepSchedulerState, num_inference_steps: int

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from jax_uncond.schedulers.samplers import SAMPLERS
+
 SECRET_KEYS = frozenset({"hub_token"})
 """Config keys that never reach logs, saved configs, checkpoints or uploads."""
 
@@ -103,6 +105,9 @@ def _flags() -> list[Flag]:
         F("max_nonfinite_steps", 25, "Stop after this many consecutive steps with a non-finite loss or gradient "
           "(each is skipped and counted; the last checkpoint stays untouched).", int, group="training",
           pytorch=False),
+        F("eval_scheduler", "ddpm", "The sampler of the sample grids, built from the training noise schedule; "
+          "it takes --ddpm_num_inference_steps steps, so lower that too (e.g. 20 for dpmsolver++; "
+          "docs/sampling.md).", str, tuple(SAMPLERS), group="training", pytorch=False),
         F("config", None, "A YAML preset (see configs/); explicit flags override its values.", str,
           group="training", pytorch=False),
         # --- optimizer
@@ -242,6 +247,9 @@ def validate(config: Any) -> Any:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
+    if config.ddpm_num_inference_steps > config.ddpm_num_steps:
+        raise ValueError(f"--ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must be at most "
+                         f"--ddpm_num_steps ({config.ddpm_num_steps}), the timesteps the model is trained on")
     if config.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
     if config.dataset_name is not None and config.train_data_dir is not None:

@@ -27,9 +27,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split the leading (batch) axis over the `data` axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Split the batch axis (the leading one, or `axis`) over the `data` axis; other axes whole."""
+    return NamedSharding(mesh, P(*(None,) * axis, DATA_AXIS))
 
 
 def state_shardings(mesh: Mesh, state_shapes: Any) -> Any:
