@@ -10,15 +10,16 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
-from fid_parts import pytorch_fid_weights, pytorch_inception, structured_images, weights_files, write_pngs
+from fid_parts import pytorch_fid_weights, structured_images, weights_files, write_pngs
 from jax_uncond import evaluate
 from jax_uncond.evaluation import inception_weights as iw
-from jax_uncond.evaluation.statistics import FeatureStatistics, kid_subsets
+from jax_uncond.evaluation.statistics import kid_subsets
 from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
 from jax_uncond.schedulers import FlaxDDPMScheduler
@@ -58,15 +59,8 @@ def result_of(out):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def pytorch_fid_activations(folder, weights, dims):
-    from pytorch_fid.fid_score import IMAGE_EXTENSIONS, get_activations
-
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
-    return get_activations(files, pytorch_inception(weights, dims), batch_size=50, dims=dims, num_workers=0)
-
-
 def test_fid_and_kid_equal_pytorch_fid(folders, weights, tmp_path, capsys):
-    from pytorch_fid.fid_score import calculate_fid_given_paths
+    import pytorch_fid.fid_score as fid_score
 
     a, b = folders
     code, out, err = run(["--images", a, "--reference", b, "--inception_weights", weights, "--batch_size", 8,
@@ -74,14 +68,17 @@ def test_fid_and_kid_equal_pytorch_fid(folders, weights, tmp_path, capsys):
     assert code == 0, err
     result = result_of(out)
     assert (result["num_samples"], result["num_reference"], result["dims"]) == (8, 7, 768)
-    with pytorch_fid_weights(weights):
-        fid = calculate_fid_given_paths([a, b], 50, "cpu", 768, num_workers=0)
-        # pytorch-fid reads the .npz written by --save_stats
-        assert calculate_fid_given_paths([str(tmp_path / "a.npz"), b], 50, "cpu", 768, num_workers=0) == \
-            pytest.approx(fid, rel=1e-3)
+    activations = []
+
+    def recorded(*args, get_activations=fid_score.get_activations, **kwargs):
+        activations.append(get_activations(*args, **kwargs))
+        return activations[-1]
+
+    with pytorch_fid_weights(weights), mock.patch.object(fid_score, "get_activations", recorded):
+        fid = fid_score.calculate_fid_given_paths([a, b], 50, "cpu", 768, num_workers=0)
     assert result["fid"] == pytest.approx(fid, rel=1e-3)
+    act_a, act_b = activations  # pytorch-fid's own features of the two folders
     # KID (pytorch-fid has none): clean-fid's formula on pytorch-fid's activations, over the same subsets
-    act_a, act_b = pytorch_fid_activations(a, weights, 768), pytorch_fid_activations(b, weights, 768)
     index_a, index_b = kid_subsets(8, 7)
     m, n = index_a.shape[1], act_a.shape[1]
     values = []
@@ -91,8 +88,10 @@ def test_fid_and_kid_equal_pytorch_fid(folders, weights, tmp_path, capsys):
         values.append(((k.sum() - np.diag(k).sum()) / (m - 1) - ((x @ y.T / n + 1) ** 3).sum() * 2 / m) / m)
     assert result["kid_mean"] == pytest.approx(np.mean(values), rel=1e-3, abs=1e-6)
     assert result["kid_std"] == pytest.approx(np.std(values), rel=1e-3, abs=1e-6)
-    saved = FeatureStatistics.load(tmp_path / "a.npz", 768)
-    np.testing.assert_allclose(saved.mu, act_a.mean(axis=0), rtol=1e-4, atol=1e-4 * np.abs(act_a).max())
+    # --save_stats wrote pytorch-fid's statistics of these images, in a file pytorch-fid reads
+    mu, sigma = fid_score.compute_statistics_of_path(str(tmp_path / "a.npz"), None, 50, 768, "cpu")
+    np.testing.assert_allclose(mu, act_a.mean(axis=0), rtol=0, atol=1e-5 * np.abs(act_a).max())
+    np.testing.assert_allclose(sigma, np.cov(act_a, rowvar=False), rtol=0, atol=1e-5 * np.abs(sigma).max())
 
 
 def test_pytorch_fid_npz_is_a_reference(folders, weights, tmp_path, capsys):
