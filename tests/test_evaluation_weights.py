@@ -32,14 +32,15 @@ def test_reads_both_formats_as_torch_load(files, fmt):
 
 
 def test_views_and_strides_are_followed(tmp_path):
-    """Transposed, sliced and shared-storage tensors come back as torch.load gives them."""
+    """Transposed, sliced, shared-storage tensors and parameters come back as torch.load gives them."""
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    state = {"t": base.t(), "row": base[1], "col": base[:, 2], "same": base, "half": base.half()[::2]}
+    state = {"t": base.t(), "row": base[1], "col": base[:, 2], "same": base, "half": base.half()[::2],
+             "parameter": torch.nn.Parameter(base[2:])}
     for legacy in (False, True):
         path = save_weights(tmp_path / f"views_{legacy}.pth", state, legacy)
         ours = iw.read_state_dict(path)
         for key, value in state.items():
-            np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=f"{key} legacy={legacy}")
+            np.testing.assert_array_equal(ours[key], value.detach().numpy(), err_msg=f"{key} legacy={legacy}")
 
 
 def test_table_maps_every_tensor(files):

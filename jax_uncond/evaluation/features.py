@@ -43,7 +43,8 @@ class InceptionFeatures:
     def __init__(self, params: dict, mesh: Mesh, batch_size: int, dims: int = FEATURE_DIM):
         devices = data_parallel_size(mesh)
         if batch_size < 1 or batch_size % devices:
-            raise UsageError(f"the FID batch size {batch_size} must be a positive multiple of the {devices} devices")
+            raise UsageError(f"the FID batch size {batch_size} (--fid_batch_size, or evaluate's --batch_size) must be "
+                             f"a positive multiple of the {devices} devices")
         if dims not in BLOCK_INDEX_BY_DIM:
             raise UsageError(f"feature dimension {dims}: choose one of {', '.join(map(str, BLOCK_INDEX_BY_DIM))}")
         self.mesh = mesh

@@ -2,7 +2,7 @@
 
 `sample_features` draws images with the compiled sampler over the mesh in global batches, quantises
 them to uint8 as saving PNG files would, and feeds them to the Inception network on the same mesh: the
-images never leave the devices, only their 2048 features come back. `FidEvaluator` is the training
+images never leave the devices, only their features come back. `FidEvaluator` is the training
 run's: built at start-up (weights and reference checked before the train step compiles), called at
 epoch ends.
 """
@@ -55,9 +55,9 @@ class FidEvaluator:
     """--fid_epochs: FID and KID of the weights being trained, every N epochs and at the end.
 
     Construct it at start-up on every process: it loads the Inception weights and computes (or reads
-    the cached) reference statistics, so a bad file fails before anything else compiles. `source` is the
-    training data (for the default reference), if already loaded. Call it on
-    every process (sampling is collective); process 0 computes the scores and returns the metrics.
+    the cached) reference statistics, so a bad file fails before anything else compiles; `source` is
+    the training data (the default reference), if already loaded. Call it on every process (sampling
+    is collective); process 0 computes the scores and returns the metrics.
     """
 
     def __init__(self, config: Any, model: Any, scheduler: Any, mesh: Mesh, batch_size: int,

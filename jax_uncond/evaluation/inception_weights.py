@@ -100,7 +100,7 @@ class _Storage:
     dtype: np.dtype
     key: str
     numel: int
-    data: np.ndarray | None = None  # filled from the file after unpickling (legacy) or on demand (zip)
+    data: np.ndarray | None = None  # filled from the file once the pickle is read
     view: tuple[str, int, int] | None = None  # legacy storage views: (root key, offset, size)
 
 
@@ -117,13 +117,19 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, 
     return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
 
 
+def _rebuild_parameter(data: _TensorRef, *_: Any) -> _TensorRef:
+    """Stands in for torch._utils._rebuild_parameter: an nn.Parameter saved as such is its tensor."""
+    return data
+
+
 class _StorageType:
     def __init__(self, name: str):
         self.dtype = np.dtype(STORAGE_DTYPES[name])
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a state dict; any global beyond OrderedDict, tensor rebuilds and typed storages is refused."""
+    """Unpickles a state dict; any global beyond OrderedDict, tensor and parameter rebuilds and typed storages is
+    refused."""
 
     def __init__(self, file: Any, legacy: bool):
         super().__init__(file)
@@ -137,6 +143,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return _rebuild_parameter
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a tensor state dict")

@@ -90,9 +90,7 @@ def dataset_features(source: ImageSource, config: Any, extractor: InceptionFeatu
     from jax_uncond.data.loader import LoadExample, transform_spec
     from jax_uncond.training.outputs import to_uint8
 
-    spec = transform_spec(config)
-    load = LoadExample(source, type(spec)(spec.resolution, spec.center_crop, False, spec.preserve_input_precision),
-                       config.seed)
+    load = LoadExample(source, dataclasses.replace(transform_spec(config), random_flip=False), config.seed)
 
     def decode(index: int) -> np.ndarray:
         image = load.map(np.asarray([0, index]))["images"]  # (3, R, R) in [-1, 1]
