@@ -71,7 +71,7 @@ def _config(args: argparse.Namespace, resolution: int) -> Any:
 
 def _check(args: argparse.Namespace) -> None:
     if (args.pipeline_dir is None) == (args.images is None):
-        raise UsageError("give a pipeline folder to sample, or --images DIR, (exactly one)")
+        raise UsageError("give exactly one of a pipeline folder (to sample) and --images DIR")
     for name in ("num_samples", "steps", "batch_size", "resolution"):
         value = getattr(args, name)
         if value is not None and value <= 0:
