@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 
+from jax_uncond import __version__
 from jax_uncond.errors import UsageError
 
 
@@ -82,9 +83,10 @@ def export(source: str, output_dir: str, ema: bool | None = None) -> str:
     return f"{'EMA' if ema else 'raw'} weights of {directory}/checkpoint_{step} exported to {output_dir}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_uncond.export", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`jax-uncond-export` (`prog`: the command's name in --help and errors; default: how it was called)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("source", metavar="CHECKPOINT_OR_OUTPUT_DIR",
                         help="A checkpoint folder, or a run's output folder (its newest checkpoint).")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="Where the DDPMPipeline folder is written.")
@@ -99,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jax_uncond.export"))

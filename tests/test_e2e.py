@@ -35,7 +35,6 @@ def env_with_devices(n: int) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_DATASETS_OFFLINE"] = "1"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -128,10 +127,10 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
 
 def run_main(argv, capsys):
     """train_flax.py's main() in this process (8 CPU devices): (exit code, stderr)."""
-    import train_flax
+    from jax_uncond.train import main
 
     try:
-        code = train_flax.main([str(a) for a in argv])
+        code = main([str(a) for a in argv], prog="train_flax.py")
     except SystemExit as e:  # argparse's own errors
         code = e.code
     return code, capsys.readouterr().err
