@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ import jax
 
 from jax_uncond import __version__
 from jax_uncond.errors import UsageError
+from jax_uncond.model_card import newest_grid, write_model_card
 
 
 def locate(source: str) -> tuple[str, int]:
@@ -65,21 +67,42 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
     return state.ema_params if ema else state.params
 
 
+def copy_newest_grid(directory: str, step: int, output_dir: str) -> None:
+    """The run's newest sample grid into output_dir/samples/, for the model card, when `step` is the run's
+    newest checkpoint (an older checkpoint's weights did not draw it)."""
+    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.training.outputs import SAMPLES_DIR
+
+    run_dir = os.path.dirname(os.path.abspath(directory))
+    grid = newest_grid(os.path.join(run_dir, SAMPLES_DIR))
+    newest = ckpt.resolve_resume("latest", run_dir)
+    if grid is None or newest is None or newest != (ckpt.checkpoints_dir(run_dir), step):
+        return
+    target = os.path.join(output_dir, SAMPLES_DIR, os.path.basename(grid))
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(grid, target)
+
+
 def export(source: str, output_dir: str, ema: bool | None = None) -> str:
-    """Writes the DDPMPipeline folder of `source`'s checkpoint to `output_dir`; returns a one-line summary."""
+    """Writes the DDPMPipeline folder of `source`'s checkpoint, with its model card, to `output_dir`;
+    returns a one-line summary."""
     directory, step = locate(source)
     from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
     from jax_uncond.training.loop import build_model, build_scheduler
+    from jax_uncond.training.outputs import SAMPLES_DIR
 
     config = saved_config(directory, step)
     if ema and not config.use_ema:
         raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
     ema = config.use_ema if ema is None else ema
-    config = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
-                                 enable_xformers_memory_efficient_attention=False)
-    model = build_model(config)
-    params = restore_weights(directory, step, config, model, ema)
-    FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(config)).save_pretrained(output_dir, {"unet": params})
+    inference = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
+                                    enable_xformers_memory_efficient_attention=False)
+    model = build_model(inference)
+    params = restore_weights(directory, step, inference, model, ema)
+    FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(inference)).save_pretrained(output_dir, {"unet": params})
+    copy_newest_grid(directory, step, output_dir)
+    write_model_card(output_dir, config, params, samples=SAMPLES_DIR, step=step, ema=ema, name_or_path=output_dir)
     return f"{'EMA' if ema else 'raw'} weights of {directory}/checkpoint_{step} exported to {output_dir}"
 
 

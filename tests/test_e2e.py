@@ -109,6 +109,7 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
     assert "checkpoint_4" in resumed.stdout + resumed.stderr  # the start-up decision names where it resumes
     assert checkpoint_steps(output_dir) == [2, 4, 6]  # continued from step 4, not from 0
     assert sorted(os.listdir(output_dir / "samples"))[-1] == "epoch_0002.png"
+    assert "- Steps: 6 optimizer steps" in (output_dir / "README.md").read_text()  # the model card
     final = safetensors_of(output_dir)
     assert any(not np.array_equal(first[k], final[k]) for k in first)
 
@@ -123,6 +124,11 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
     with open(exported / "scheduler" / "scheduler_config.json") as f, \
             open(output_dir / "scheduler" / "scheduler_config.json") as g:
         assert json.load(f) == json.load(g)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")  # with the run's newest grid: step 6 is its newest checkpoint
+    assert "![Samples](samples/epoch_0002.png)" in card.text and (exported / "samples" / "epoch_0002.png").is_file()
+    assert "- Steps: 6 optimizer steps" in card.text and card.data.library_name == "diffusers"
 
 
 def run_main(argv, capsys):

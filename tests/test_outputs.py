@@ -209,6 +209,7 @@ def test_push_to_hub_uploads_without_checkpoints_or_secret(tmp_path, fake_pipeli
         [os.path.relpath(p, tmp_path / "run") for p in glob.glob(str(tmp_path / "run" / "**"), recursive=True)
          if os.path.isfile(p)] + [f"{out.CHECKPOINTS_SUBDIR}/5/params"], ignore_patterns=upload["ignore_patterns"]))
     assert "model_index.json" in uploaded and any(p.startswith("logs/") for p in uploaded)
+    assert "README.md" in uploaded and 'from_pretrained("me/run")' in open(tmp_path / "run" / "README.md").read()
     assert not any(p.startswith(out.CHECKPOINTS_SUBDIR) for p in uploaded)
     for path in glob.glob(str(tmp_path / "run" / "**"), recursive=True):
         if os.path.isfile(path):

@@ -101,7 +101,7 @@ def modules(root):
 def test_wheel_holds_every_module_and_trains_from_a_fresh_venv(tmp_path):
     """pip wheel -> every module and preset inside -> a fresh venv with the runtime dependencies from the
     registry (no PyTorch) -> `jax-uncond-train --config quickstart` in a folder outside the clone -> the
-    folder loads in diffusers."""
+    folder loads in diffusers, with its model card."""
     source = tmp_path / "source"  # a clean copy: no stale build/ may add or hide files
     shutil.copytree(os.path.join(ROOT, "jax_uncond"), source / "jax_uncond",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -134,5 +134,9 @@ def test_wheel_holds_every_module_and_trains_from_a_fresh_venv(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     from diffusers import DDPMPipeline, DiffusionPipeline
+    from huggingface_hub import ModelCard
 
     assert isinstance(DiffusionPipeline.from_pretrained(work / "run"), DDPMPipeline)
+    card = ModelCard.load(work / "run" / "README.md")
+    assert card.data.library_name == "diffusers" and "![Samples](samples/epoch_0000.png)" in card.text
+    assert (work / "run" / "samples" / "epoch_0000.png").is_file() and "- Steps: 4 optimizer steps" in card.text

@@ -137,6 +137,8 @@ def _flags() -> list[Flag]:
         F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
         F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
+        F("hub_license", None, "The license in the model card (README.md) of the pipeline folder: a Hub license "
+          "id such as apache-2.0, mit or cc-by-4.0.", str, group="logging", pytorch=False),
         # --- distributed
         F("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and "
           "SLURM/Open MPI (which are detected).", str, group="distributed", pytorch=False),

@@ -267,7 +267,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
                 outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
-                                  last=step == max_steps)
+                                  last=step == max_steps, step=step)
             aside += time.perf_counter() - paused
             if preempted:
                 checkpoints.wait()

@@ -4,8 +4,8 @@
 file, a tracker that is not installed, a Hub push without token or network), then writes, on
 process 0 only: tracker events under `output_dir/logging_dir/train_unconditional` (the layout of
 diffusers' script), seeded sample grids as PNG under `output_dir/samples/`, the diffusers
-`DDPMPipeline` folder in `output_dir`, and Hub uploads of that folder and the logs (checkpoints
-excluded). The Hub token is kept out of everything written or uploaded.
+`DDPMPipeline` folder with its model card in `output_dir`, and Hub uploads of that folder and the logs
+(checkpoints excluded). The Hub token is kept out of everything written or uploaded.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
+from jax_uncond.model_card import hardware, write_model_card
 from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
 from jax_uncond.training.config import to_dict
 
@@ -153,6 +154,8 @@ class RunOutputs:
         self._tracker: _Tracker | None = None
         self._repo_id: str | None = None
         self._token: str | None = None
+        self.card_metrics: dict[str, float] = {}
+        """Evaluation figures for the model card (e.g. {"FID": 12.3}), set by whoever measures them."""
         output_dir_check(config.output_dir)
         if not self.writes:
             return
@@ -180,12 +183,15 @@ class RunOutputs:
         if self._tracker is not None:
             self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()})
 
-    def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
+    def epoch_end(self, epoch: int, params: Any, last: bool, step: int | None = None) -> None:
         """After 0-based `epoch`: a sample grid and/or the pipeline folder when due, as the PyTorch script.
 
         Grids are due when `epoch % --save_images_epochs == 0` or `last`; the pipeline (holding
         `params`, the EMA weights with --use_ema) when `epoch % --save_model_epochs == 0` or `last`.
+        `step` is the optimizer step (default: the last one logged).
         """
+        if step is not None:
+            self._step = step
         images_due = last or epoch % self.config.save_images_epochs == 0
         model_due = last or epoch % self.config.save_model_epochs == 0
         if not (images_due or model_due):
@@ -224,9 +230,11 @@ class RunOutputs:
         return path
 
     def save_pipeline(self, params: Any) -> None:
-        """The DDPMPipeline folder (model_index.json, unet/, scheduler/) in output_dir."""
+        """The DDPMPipeline folder (model_index.json, unet/, scheduler/) and its model card in output_dir."""
         self._wait_uploads()  # an upload still reading the previous files must not see them change
         self.pipeline().save_pretrained(self.config.output_dir, {"unet": params})
+        write_model_card(self.config.output_dir, self.config, params, samples=SAMPLES_DIR, step=self._step,
+                         hardware=hardware(), name_or_path=self._repo_id, metrics=self.card_metrics)
         tqdm.write(f"pipeline saved in {self.config.output_dir}")
 
     def _upload(self, message: str) -> None:
