@@ -15,13 +15,13 @@ import jax_uncond
 from jax_uncond.training import config as cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = os.path.dirname(jax_uncond.__file__)
 COMMANDS = {
     "jax-uncond-train": "jax_uncond.train:main",
     "jax-uncond-export": "jax_uncond.export:main",
     "jax-uncond-sample": "jax_uncond.sample:main",
 }
-"""Every console command: its name and entry point, as in pyproject.toml's [project.scripts]."""
+"""Every console command and its entry point, as in pyproject.toml's [project.scripts]: a new command is a line
+there and one here (its main needs only argparse's `--version`)."""
 
 
 def pyproject():
@@ -39,12 +39,14 @@ def test_console_commands_are_declared():
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_command_version_and_help(name, capsys):
+def test_command_version_and_help(name, capsys, monkeypatch):
+    """Each entry point answers --version and --help (named as installed: argparse's prog is argv[0])."""
     module, function = COMMANDS[name].split(":")
     main = getattr(__import__(module, fromlist=[function]), function)
+    monkeypatch.setattr(sys, "argv", [os.path.join("bin", name)])
     for flag in ("--version", "--help"):
         with pytest.raises(SystemExit) as info:
-            main([flag], prog=name)
+            main([flag])
         assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{name} {jax_uncond.__version__}\nusage: {name} ")
