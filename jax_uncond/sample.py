@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("num_images", "steps", "batch_size"):

@@ -10,7 +10,6 @@ excluded). The Hub token is kept out of everything written or uploaded.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from tqdm import tqdm
 from jax_uncond.errors import UsageError
 from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
 from jax_uncond.training.config import to_dict
+from jax_uncond.training.faults import Survivor
+from jax_uncond.training.uploads import HubUploads
 
 RUN_NAME = "train_unconditional"
 """The tracker's run name, as in diffusers' script: TensorBoard events go to output_dir/logging_dir/RUN_NAME."""
@@ -102,17 +103,21 @@ class _Tracker:
 
             self._run = wandb.init(project=RUN_NAME, dir=logdir, config=to_dict(config))
         else:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.summary import text
 
-            self._writer = SummaryWriter(logdir=os.path.join(logdir, RUN_NAME))
-            self._writer.add_text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```", 0)
+            from jax_uncond.training.tensorboard import EventWriter
+
+            self._writer = EventWriter(os.path.join(logdir, RUN_NAME))
+            self._writer.add(0, text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```"))
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.kind == "wandb":
             self._run.log(dict(metrics), step=step)
         else:
+            from tensorboardX.summary import scalar
+
             for name, value in metrics.items():
-                self._writer.add_scalar(name, value, step)
+                self._writer.add(step, scalar(name, value))
 
     def images(self, step: int, epoch: int, images: np.ndarray) -> None:
         """Samples under the PyTorch script's tag: `test_samples` (TensorBoard step = epoch, as there)."""
@@ -121,7 +126,9 @@ class _Tracker:
 
             self._run.log({"test_samples": [wandb.Image(i) for i in to_uint8(images)], "epoch": epoch}, step=step)
         else:
-            self._writer.add_images("test_samples", to_uint8(images), epoch, dataformats="NHWC")
+            from tensorboardX.summary import image
+
+            self._writer.add(epoch, image("test_samples", to_uint8(images), dataformats="NHWC"))
 
     def flush(self) -> None:
         if self.kind != "wandb":
@@ -149,18 +156,19 @@ class RunOutputs:
         self.mesh = mesh
         self.writes = jax.process_index() == 0
         self._step = 0
-        self._uploads: list[concurrent.futures.Future] = []
+        self._uploads: HubUploads | None = None
         self._tracker: _Tracker | None = None
         self._repo_id: str | None = None
-        self._token: str | None = None
+        self._faults = Survivor()
         output_dir_check(config.output_dir)
         if not self.writes:
             return
         if config.logger == "wandb":
             self._check_wandb()
         if config.push_to_hub:
-            self._token = hub_token(config)
-            self._repo_id = create_hub_repo(config, self._token)
+            token = hub_token(config)
+            self._repo_id = create_hub_repo(config, token)
+            self._uploads = HubUploads(self._repo_id, config.output_dir, token, HUB_IGNORE_PATTERNS)
         os.makedirs(config.output_dir, exist_ok=True)
         self._tracker = _Tracker(config, os.path.join(config.output_dir, config.logging_dir))
 
@@ -178,7 +186,8 @@ class RunOutputs:
         """Scalars (loss, lr, ...) at an optimizer step."""
         self._step = step
         if self._tracker is not None:
-            self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()})
+            self._faults.attempt("log", f"the tracker events of step {step}",
+                                 lambda: self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()}))
 
     def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
         """After 0-based `epoch`: a sample grid and/or the pipeline folder when due, as the PyTorch script.
@@ -194,11 +203,13 @@ class RunOutputs:
         if not self.writes:
             return
         if images_due:
-            self.save_samples(epoch, params)
+            self._faults.attempt("grid", f"the sample grid of epoch {epoch}", lambda: self.save_samples(epoch, params))
         if model_due:
-            self.save_pipeline(params)
-            if self._repo_id is not None:
-                self._upload(f"Epoch {epoch}")
+            saved = self._faults.attempt("pipeline", f"the pipeline folder in {self.config.output_dir}",
+                                         lambda: self.save_pipeline(params))
+            if saved and self._uploads is not None:
+                self._faults.attempt("log", "the tracker events before an upload", self._tracker.flush)
+                self._uploads.submit(f"Epoch {epoch}")
 
     def pipeline(self) -> Any:
         from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
@@ -225,35 +236,21 @@ class RunOutputs:
 
     def save_pipeline(self, params: Any) -> None:
         """The DDPMPipeline folder (model_index.json, unet/, scheduler/) in output_dir."""
-        self._wait_uploads()  # an upload still reading the previous files must not see them change
+        if self._uploads is not None:  # an upload still reading the previous files must not see them change
+            self._uploads.before_change()
         self.pipeline().save_pretrained(self.config.output_dir, {"unet": params})
         tqdm.write(f"pipeline saved in {self.config.output_dir}")
 
-    def _upload(self, message: str) -> None:
-        import huggingface_hub
-
-        self._tracker.flush()
-        self._uploads.append(huggingface_hub.upload_folder(
-            repo_id=self._repo_id, folder_path=self.config.output_dir, commit_message=message,
-            ignore_patterns=list(HUB_IGNORE_PATTERNS), token=self._token, run_as_future=True))
-
-    def _wait_uploads(self) -> None:
-        from huggingface_hub.errors import HTTPError
-
-        uploads, self._uploads = self._uploads, []
-        for future in uploads:
-            try:
-                future.result()
-            except (HTTPError, OSError) as e:
-                raise RuntimeError(f"upload of {self.config.output_dir} to the Hub repository {self._repo_id} failed "
-                                   f"({type(e).__name__}: {e}); the files are saved locally: upload them with "
-                                   f"`hf upload {self._repo_id} {self.config.output_dir}`") from e
-
     def close(self, summary: Mapping[str, Any]) -> None:
-        """Waits for uploads, closes the tracker and prints the run's summary as one line."""
+        """Waits for uploads (retries included), closes the tracker and prints the run's summary as one line,
+        with the count of each kind of write that failed."""
         if not self.writes:
             return
-        self._wait_uploads()
-        self._tracker.close()
+        if self._uploads is not None:
+            self._uploads.close()
+        self._faults.attempt("log", "the tracker's last events", self._tracker.close)
+        summary = {**summary, **{f"failed_{kind}_writes": n for kind, n in self._faults.failures.items()}}
+        if self._uploads is not None and self._uploads.failed:
+            summary["failed_uploads"] = len(self._uploads.failed)
         fields = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         tqdm.write(f"done: {fields} output_dir={self.config.output_dir}")
