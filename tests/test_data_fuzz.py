@@ -57,7 +57,8 @@ def good_images(rng):
         "cmyk.jpg": encode(picture().convert("CMYK"), "JPEG"),
         "deep16.png": encode(Image.fromarray(rng.integers(0, 65535, (20, 24)).astype(np.uint16)), "PNG"),
         "palette.png": encode(picture().convert("P"), "PNG", transparency=3),
-        "gray_alpha.png": encode(picture().convert("LA"), "PNG"), "rgba.webp": encode(picture().convert("RGBA"), "WEBP"),
+        "gray_alpha.png": encode(picture().convert("LA"), "PNG"),
+        "rgba.webp": encode(picture().convert("RGBA"), "WEBP"),
         "exif_rotated.jpg": encode(rotated, "JPEG", exif=exif),
         "strip.png": encode(Image.new("L", (1, 2000), 128), "PNG"),  # resized to 8 x 16000: fine
     }

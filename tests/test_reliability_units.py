@@ -204,10 +204,13 @@ def write_lock(folder, **holder):
 def test_lock_is_taken_refreshed_and_released(tmp_path):
     lock = run_lock.RunLock(str(tmp_path / "run"), heartbeat_s=0.05)
     lock.acquire()
-    first = json.loads((tmp_path / "run" / run_lock.LOCK_NAME).read_text())
+    path = tmp_path / "run" / run_lock.LOCK_NAME
+    first = json.loads(path.read_text())
     assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
-    time.sleep(0.3)
-    assert json.loads((tmp_path / "run" / run_lock.LOCK_NAME).read_text())["heartbeat"] > first["heartbeat"]
+    deadline = time.monotonic() + 60
+    while json.loads(path.read_text())["heartbeat"] == first["heartbeat"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(path.read_text())["heartbeat"] > first["heartbeat"]
     lock.release()
     assert not (tmp_path / "run" / run_lock.LOCK_NAME).exists()
 
@@ -242,13 +245,25 @@ def test_a_stale_lock_is_taken_over_with_one_line(tmp_path, caplog, holder):
 
 
 def test_a_late_heartbeat_from_another_host_is_waited_for(tmp_path, caplog):
-    write_lock(tmp_path, host="another-host", heartbeat=time.time() - 0.5)
-    lock = run_lock.RunLock(str(tmp_path), heartbeat_s=0.1, stale_after_s=1.0)
+    write_lock(tmp_path, host="another-host", heartbeat=time.time() - 1.0)
+    lock = run_lock.RunLock(str(tmp_path), heartbeat_s=0.2, stale_after_s=5.0)
     with caplog.at_level(logging.WARNING):
         lock.acquire()  # late (> 3 beats) but not stale: waits until it is
     lock.release()
     messages = warnings_of(caplog)
     assert len(messages) == 2 and "waiting up to" in messages[0] and "taking over" in messages[1]
+
+
+def test_hold_releases_on_sigterm_and_restores_the_handler(tmp_path):
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        with run_lock.hold(str(tmp_path)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # interrupted by the handler
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / run_lock.LOCK_NAME).exists() and signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_hold_releases_on_an_exception(tmp_path):
