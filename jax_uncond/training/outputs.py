@@ -103,21 +103,17 @@ class _Tracker:
 
             self._run = wandb.init(project=RUN_NAME, dir=logdir, config=to_dict(config))
         else:
-            from tensorboardX.summary import text
-
-            from jax_uncond.training.tensorboard import EventWriter
+            from jax_uncond.training.tensorboard import EventWriter  # SummaryWriter's files, written in this thread
 
             self._writer = EventWriter(os.path.join(logdir, RUN_NAME))
-            self._writer.add(0, text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```"))
+            self._writer.add_text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```", 0)
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.kind == "wandb":
             self._run.log(dict(metrics), step=step)
         else:
-            from tensorboardX.summary import scalar
-
             for name, value in metrics.items():
-                self._writer.add(step, scalar(name, value))
+                self._writer.add_scalar(name, value, step)
 
     def images(self, step: int, epoch: int, images: np.ndarray) -> None:
         """Samples under the PyTorch script's tag: `test_samples` (TensorBoard step = epoch, as there)."""
@@ -126,9 +122,7 @@ class _Tracker:
 
             self._run.log({"test_samples": [wandb.Image(i) for i in to_uint8(images)], "epoch": epoch}, step=step)
         else:
-            from tensorboardX.summary import image
-
-            self._writer.add(epoch, image("test_samples", to_uint8(images), dataformats="NHWC"))
+            self._writer.add_images("test_samples", to_uint8(images), epoch, dataformats="NHWC")
 
     def flush(self) -> None:
         if self.kind != "wandb":
