@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from jax_uncond import __version__
+from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
@@ -39,6 +40,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """`jax-uncond-sample` (`prog`: the command's name in --help and errors; default: how it was called)."""
+    setup_logging()
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     for name in ("num_images", "steps", "batch_size"):
