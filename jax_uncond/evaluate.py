@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
+from jax_uncond import __version__
+from jax_uncond.console import setup_logging
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
 from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM, FEATURE_DIM
@@ -23,7 +25,6 @@ from jax_uncond.evaluation.statistics import FeatureStatistics
 from jax_uncond.schedulers.samplers import SAMPLERS
 from jax_uncond.training.config import FLAGS, TrainConfig, add_flag
 
-PROG = "python -m jax_uncond.evaluate"
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "cache_dir", "resolution", "center_crop",
               "preserve_input_precision", "image_column", "tfds_data_dir")
 """train_flax.py's flags that name the reference dataset (no flip: every image once, as training crops it)."""
@@ -31,8 +32,9 @@ SHARED_FLAGS = DATA_FLAGS + ("inception_weights", "coordinator_address", "num_pr
 PER_DEVICE_BATCH = 16
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], allow_abbrev=False)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("pipeline_dir", nargs="?", default=None,
                         help="A DDPMPipeline folder to sample and score (or give --images).")
     parser.add_argument("--images", default=None, help="A folder of image files to score instead of a pipeline.")
@@ -153,17 +155,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "dims": args.dims, **result, "inception_weights_sha256": weights.sha256}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`python -m jax_uncond.evaluate` (`prog`: the command's name in --help and errors; default: how it was
+    called). Returns 0, or 2 (one line on stderr) for a bad invocation."""
+    setup_logging()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         result = evaluate(args)
     except UsageError as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if result:
         print(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jax_uncond.evaluate"))

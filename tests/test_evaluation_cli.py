@@ -48,7 +48,7 @@ def folders(tmp_path_factory):
 def run(argv, capsys):
     """evaluate.main in this process (8 CPU devices): (exit code, stdout, stderr)."""
     try:
-        code = evaluate.main([str(a) for a in argv])
+        code = evaluate.main([str(a) for a in argv], prog="python -m jax_uncond.evaluate")
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()

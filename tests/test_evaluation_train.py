@@ -14,7 +14,7 @@ from jax_uncond.evaluation.inception_weights import load_inception_weights
 from jax_uncond.evaluation.reference import ImageFolder, dataset_statistics
 from jax_uncond.training.config import parse_args
 from jax_uncond.training.sharding import make_mesh
-from test_e2e import common_args, run_main, train, workspace  # noqa: F401  (workspace: a fixture)
+from test_e2e import common_args, train, workspace  # noqa: F401  (workspace: a fixture)
 from test_outputs import read_events
 
 FID_ARGS = ["--fid_epochs", 1, "--fid_num_samples", 64, "--fid_inference_steps", 2, "--fid_dims", 64]
@@ -57,11 +57,14 @@ def test_bad_weights_stop_start_up(workspace, tmp_path, case, capsys):  # noqa: 
         weights.write_bytes(open(weights_files()["legacy"], "rb").read()[:1000])
     args = common_args(workspace, tmp_path / "run") + ["--train_batch_size", 2, "--num_epochs", 1, *FID_ARGS,
                                                        "--inception_weights", weights]
-    code, err = run_main(args, capsys)
+    from jax_uncond.train import main
+
+    code = main([str(a) for a in args], prog="train_flax.py")
+    out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in err, err
     assert lines[-1].startswith("train_flax.py: error:") and str(weights) in lines[-1], err
-    assert "compiled" not in capsys.readouterr().out
+    assert "compiled" not in out + err and "fid:" not in out  # stopped before the train step and the reference
 
 
 def test_reference_from_the_loader_is_cached(workspace, tmp_path):  # noqa: F811

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from jax_uncond.data.sources import ImageSource
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
+from jax_uncond.evaluation.inception import FEATURE_DIM
 from jax_uncond.evaluation.inception_weights import load_inception_weights
 from jax_uncond.evaluation.reference import reference_statistics
 from jax_uncond.evaluation.statistics import FeatureStatistics, scores
@@ -108,6 +109,18 @@ class FidEvaluator:
         if values["kid_mean"] is not None:
             metrics.update(kid=values["kid_mean"], kid_std=values["kid_std"])
         return metrics
+
+    def card_metrics(self) -> dict[str, float]:
+        """The last scores for the model card, named with what they depend on (empty before the first)."""
+        if self.latest is None:
+            return {}
+        what = f"{self.latest['num_samples']} samples, {self.config.fid_scheduler} {self.steps} steps"
+        if self.config.fid_dims != FEATURE_DIM:
+            what += f", {self.config.fid_dims}-d features"
+        out = {f"FID ({what})": self.latest["fid"]}
+        if self.latest["kid_mean"] is not None:
+            out[f"KID ({what})"] = self.latest["kid_mean"]
+        return out
 
     def summary(self) -> dict[str, float]:
         """For the run summary: the last FID (and KID) and the best FID with its step."""
