@@ -59,6 +59,7 @@ def result_of(out):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_fid_and_kid_equal_pytorch_fid(folders, weights, tmp_path, capsys):
     import pytorch_fid.fid_score as fid_score
 
