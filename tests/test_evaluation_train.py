@@ -48,6 +48,8 @@ def test_training_logs_fid(workspace, tmp_path):  # noqa: F811
     scalars = tensorboard_scalars(output_dir / "logs")
     assert scalars["fid"] == [(2, pytest.approx(fid, rel=1e-5))] and len(scalars["kid"]) == 1
     assert scalars["fid_best_step"] == [(2, 2.0)]
+    card = (output_dir / "README.md").read_text()
+    assert f"| FID (64 samples, ddim 2 steps, 64-d features) | {fid:.4g} |" in card, card
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated"])
