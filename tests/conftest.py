@@ -2,8 +2,19 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def pretrained_sources(tmp_path_factory):
+    """Every layout of one small PyTorch run that --pretrained_model_name_or_path reads (finetune_parts.py),
+    shared by the fine-tuning test files."""
+    from finetune_parts import make_sources
+
+    return make_sources(tmp_path_factory.mktemp("pretrained_sources"))
