@@ -1,5 +1,7 @@
-"""Test-wide setup: 8 CPU devices for sharding tests, set before JAX is first imported."""
+"""Test-wide setup: 8 CPU devices for sharding tests, set before JAX is first imported; subprocesses
+import the same jax_uncond as the tests (the installed wheel in CI, the source tree in a clone)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -9,6 +11,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PACKAGE = importlib.util.find_spec("jax_uncond").submodule_search_locations[0]
+"""The jax_uncond folder under test (found without importing it, so JAX starts after the flags above)."""
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(PACKAGE), os.environ.get("PYTHONPATH")) if p)
+
+
+def pytest_report_header(config):
+    return f"jax_uncond under test: {PACKAGE}"
 
 
 @pytest.fixture(scope="session")

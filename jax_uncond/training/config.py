@@ -12,9 +12,12 @@ import dataclasses
 import difflib
 import os
 import sys
+from importlib import resources
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
+
+from jax_uncond import __version__
 
 SECRET_KEYS = frozenset({"hub_token"})
 """Config keys that never reach logs, saved configs, checkpoints or uploads."""
@@ -113,8 +116,8 @@ def _flags() -> list[Flag]:
         F("max_nonfinite_steps", 25, "Stop after this many consecutive steps with a non-finite loss or gradient "
           "(each is skipped and counted; the last checkpoint stays untouched).", int, group="training",
           pytorch=False),
-        F("config", None, "A YAML preset (see configs/); explicit flags override its values.", str,
-          group="training", pytorch=False),
+        F("config", None, "A YAML preset: a file, or the name of one shipped with the package (e.g. quickstart; "
+          "jax_uncond/configs/); explicit flags override its values.", str, group="training", pytorch=False),
         # --- optimizer
         F("learning_rate", 1e-4, "Learning rate after warm-up.", float, group="optimizer"),
         F("lr_scheduler", "cosine", "The learning-rate schedule (diffusers' names).", str, LR_SCHEDULERS,
@@ -144,6 +147,8 @@ def _flags() -> list[Flag]:
         F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
         F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
+        F("hub_license", None, "The license in the model card (README.md) of the pipeline folder: a Hub license "
+          "id such as apache-2.0, mit or cc-by-4.0.", str, group="logging", pytorch=False),
         # --- distributed
         F("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and "
           "SLURM/Open MPI (which are detected).", str, group="distributed", pytorch=False),
@@ -180,13 +185,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `train_flax.py`, grouped as in `--help`."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of `train_flax.py` (or `prog`), grouped as in `--help`."""
     parser = _Parser(
-        prog="train_flax.py",
+        prog=prog or "train_flax.py",
         description="Train an unconditional diffusion UNet in JAX; the output folder is a diffusers DDPMPipeline.",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in FLAGS:
         group = groups.setdefault(flag.group, parser.add_argument_group(flag.group))
@@ -199,10 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in the package (jax_uncond/configs/NAME.yaml), by name."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("jax_uncond").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def preset_path(name_or_path: str) -> str:
+    """`--config`'s file: an existing path as given, else the shipped preset of that name (`quickstart`)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path.removesuffix(".yaml")
+    if name in preset_names():
+        return str(resources.files("jax_uncond").joinpath("configs", f"{name}.yaml"))
+    raise ValueError(f"--config {name_or_path}: no such file, nor a preset name ({', '.join(preset_names())})")
+
+
 def load_preset(path: str) -> dict[str, Any]:
-    """A YAML preset as a dict, every key checked against the known flags."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")
+    """A YAML preset (a file or a shipped preset's name) as a dict, every key checked against the known flags."""
+    path = preset_path(path)
     with open(path) as f:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
@@ -218,10 +239,10 @@ def load_preset(path: str) -> dict[str, Any]:
     return preset
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Any:
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
     """Parse the command line (and its `--config` preset) into a frozen `TrainConfig`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [a for a in parser._option_string_actions if a.startswith("--")]

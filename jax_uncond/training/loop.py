@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
 from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import distributed, metrics, pretrained, sharding
+from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
@@ -126,8 +126,13 @@ def global_batch_size(config: Any, mesh: Mesh) -> int:
 
 
 def run(config: Any) -> None:
-    """Train as `config` says: the whole run of `train_flax.py`."""
+    """Train as `config` says: the whole run of `train_flax.py`, holding the output folder's lock."""
     joined = distributed.initialize(config)
+    with run_lock.hold(config.output_dir):
+        _run(config, joined)
+
+
+def _run(config: Any, joined: str) -> None:
     cache_dir = metrics.enable_compilation_cache()
     from jax_uncond.data.loader import make_train_loader
     from jax_uncond.training.outputs import RunOutputs
@@ -183,7 +188,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     """The training loop over global batches of `batch_size` x accumulation steps; returns the final state.
 
     `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh;
-    a fresh state starts from `start`'s pretrained weights when given, else from the init.
+    with `latest`, an older checkpoint when that one cannot be restored (`checkpoint.restore_resume`).
+    A fresh state starts from `start`'s pretrained weights when given, else from the init.
     """
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
@@ -206,9 +212,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                else "--resume_from_checkpoint not given")
         say(start.line if start is not None else f"start: fresh initialisation (seed {config.seed}; {why})")
     else:
-        directory, resume_step = resume
-        source = checkpoints if directory == checkpoints.directory else ckpt.Checkpoints(directory, 1, read_only=True)
-        state, loader_state, _ = source.restore(resume_step, ckpt.abstract_state(shapes, mesh))
+        source, resume_step, (state, loader_state, _) = ckpt.restore_resume(
+            resume, config.resume_from_checkpoint, checkpoints, ckpt.abstract_state(shapes, mesh))
         loader.set_state(loader_state)
         say(f"start: resuming from {source.path(resume_step)} at step {resume_step} "
             f"(epoch {resume_step // steps_per_epoch}, {resume_step % steps_per_epoch} batches into it)")
@@ -272,7 +277,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
                 outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
-                                  last=step == max_steps)
+                                  last=step == max_steps, step=step)
             aside += time.perf_counter() - paused
             if preempted:
                 checkpoints.wait()

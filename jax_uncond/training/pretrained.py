@@ -33,6 +33,7 @@ from jax_uncond.models.unet_2d import CLASS_NAME as UNET_CLASS_NAME, FlaxUNet2DM
 from jax_uncond.pipelines.ddpm import MODEL_INDEX_NAME, PIPELINE_CLASSES
 from jax_uncond.schedulers import FlaxDDPMScheduler
 from jax_uncond.schedulers.base import SCHEDULER_CONFIG_NAME
+from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training.config import TrainConfig
 from jax_uncond.training.state import StartWeights
 
@@ -255,15 +256,19 @@ def _with_scheduler(config: TrainConfig, source: Source, say: Callable[[str], No
 def _as_recorded(config: TrainConfig, resume: tuple[str, int]) -> TrainConfig:
     """A resumed fine-tuning run's config: the UNet config and noise schedule its checkpoint recorded (the
     --ddpm_* flags given explicitly still apply, as on any resume), whether or not the command repeats
-    --pretrained_model_name_or_path."""
-    from jax_uncond.export import saved_config
-
-    saved = saved_config(*resume)
-    if saved.pretrained_model_name_or_path is None and config.pretrained_model_name_or_path is None:
+    --pretrained_model_name_or_path. With `latest`, from the newest checkpoint whose config reads, as the
+    loop restores the newest that restores (a run's checkpoints all record the same config)."""
+    directory, newest = resume
+    checkpoints = ckpt.Checkpoints(directory, every=1, read_only=True)
+    _, saved, _ = ckpt.first_restorable(checkpoints, newest, config.resume_from_checkpoint == "latest",
+                                        checkpoints.saved_config,
+                                        f"--resume_from_checkpoint {config.resume_from_checkpoint}")
+    if saved.get("pretrained_model_name_or_path") is None and config.pretrained_model_name_or_path is None:
         return config
-    values = {flag: getattr(saved, flag) for flag in SCHEDULER_FLAGS if flag not in config.explicit_flags}
-    return dataclasses.replace(config, unet=saved.unet, model_config_name_or_path=None,
-                               noise_scheduler=saved.noise_scheduler, **values)
+    values = {flag: saved.get(flag, getattr(config, flag)) for flag in SCHEDULER_FLAGS
+              if flag not in config.explicit_flags}
+    return dataclasses.replace(config, unet=saved.get("unet") or config.unet, model_config_name_or_path=None,
+                               noise_scheduler=saved.get("noise_scheduler"), **values)
 
 
 def _read_params(source: Source, path: Path, template: Any) -> Any:
