@@ -4,6 +4,8 @@ import the same jax_uncond as the tests (the installed wheel in CI, the source t
 import importlib.util
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,3 +19,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(PACKAGE),
 
 def pytest_report_header(config):
     return f"jax_uncond under test: {PACKAGE}"
+
+
+@pytest.fixture(scope="session")
+def pretrained_sources(tmp_path_factory):
+    """Every layout of one small PyTorch run that --pretrained_model_name_or_path reads (finetune_parts.py),
+    shared by the fine-tuning test files."""
+    from finetune_parts import make_sources
+
+    return make_sources(tmp_path_factory.mktemp("pretrained_sources"))

@@ -73,6 +73,16 @@ def _flags() -> list[Flag]:
         F("enable_xformers_memory_efficient_attention", False, "Memory-efficient attention: cuDNN flash attention "
           "on NVIDIA GPUs with --mixed_precision bf16; elsewhere XLA's attention, with a note.", store_true=True,
           group="model"),
+        F("pretrained_model_name_or_path", None, "Start from a trained model instead of random weights: a "
+          "DDPMPipeline or UNet2DModel folder, a Hub id of either, or a checkpoint-N folder of diffusers' "
+          "train_unconditional.py (see docs/fine-tuning.md).", str, group="model", pytorch=False),
+        F("revision", None, "The Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.", str,
+          group="model", pytorch=False),
+        F("variant", None, "The weights variant of --pretrained_model_name_or_path, e.g. fp16 for "
+          "diffusion_pytorch_model.fp16.safetensors.", str, group="model", pytorch=False),
+        F("resume_step_from_pretrained", False, "With a checkpoint-N folder as --pretrained_model_name_or_path: "
+          "continue the step count at N (LR schedule, EMA warm-up); optimizer moments start afresh.",
+          store_true=True, group="model", pytorch=False),
         # --- training
         F("output_dir", "ddpm-model-64", "Where the DDPMPipeline folder, checkpoints, logs and samples are written.",
           str, group="training"),
@@ -176,10 +186,13 @@ PRESET_ONLY_KEYS = frozenset({"unet"})
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
     [(f.name, Any, dataclasses.field(default=f.default)) for f in FLAGS]
-    + [("unet", Any, dataclasses.field(default=None))],
+    + [("unet", Any, dataclasses.field(default=None)), ("noise_scheduler", Any, dataclasses.field(default=None)),
+       ("explicit_flags", Any, dataclasses.field(default=()))],
     frozen=True,
 )
-TrainConfig.__doc__ = "The frozen run configuration: one field per flag, plus `unet` from a YAML preset."
+TrainConfig.__doc__ = """The frozen run configuration: one field per flag, plus `unet` from a YAML preset,
+`noise_scheduler` (a pretrained pipeline's scheduler config, which the --ddpm_* flags refine) and
+`explicit_flags` (the flags given on the command line or in the preset, not left at their defaults)."""
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -272,10 +285,20 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> An
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         values["local_rank"] = env_rank
+    explicit = tuple(sorted((set(preset) - PRESET_ONLY_KEYS) | _given_on_command_line(argv)))
     try:
-        return validate(TrainConfig(**values, unet=preset.get("unet")))
+        return validate(TrainConfig(**values, unet=preset.get("unet"), explicit_flags=explicit))
     except ValueError as e:
         parser.error(str(e))
+
+
+def _given_on_command_line(argv: Sequence[str]) -> set[str]:
+    """The flags `argv` sets (parsed again with every default replaced by a marker)."""
+    unset = object()
+    parser = build_parser()
+    parser.set_defaults(**{f.name: unset for f in FLAGS})
+    args, _ = parser.parse_known_args(argv)
+    return {name for name, value in vars(args).items() if value is not unset}
 
 
 def validate(config: Any) -> Any:
@@ -298,4 +321,8 @@ def validate(config: Any) -> Any:
         raise ValueError("the preset's `unet` mapping and --model_config_name_or_path both set the model; give one")
     if config.unet is not None and not isinstance(config.unet, Mapping):
         raise ValueError("the preset's `unet` must be a mapping of UNet2DModel config keys")
+    if config.pretrained_model_name_or_path is None:
+        needing = [f"--{k}" for k in ("revision", "variant", "resume_step_from_pretrained") if getattr(config, k)]
+        if needing:
+            raise ValueError(f"{', '.join(needing)} only apply to --pretrained_model_name_or_path, which is not given")
     return config

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
 from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import distributed, metrics, run_lock, sharding
+from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
@@ -101,11 +101,13 @@ def build_model(config: Any) -> Any:
 
 
 def build_scheduler(config: Any) -> Any:
-    """The training noise scheduler, configured as the PyTorch script's DDPMScheduler."""
+    """The training noise scheduler, configured as the PyTorch script's DDPMScheduler (on top of a pretrained
+    pipeline's scheduler config when there is one)."""
     from jax_uncond.schedulers import FlaxDDPMScheduler
 
-    return FlaxDDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
-                             prediction_type=config.prediction_type)
+    return FlaxDDPMScheduler.from_config(config.noise_scheduler or {}, num_train_timesteps=config.ddpm_num_steps,
+                                         beta_schedule=config.ddpm_beta_schedule,
+                                         prediction_type=config.prediction_type)
 
 
 def check_resolution(config: Any, model: Any) -> None:
@@ -139,13 +141,15 @@ def _run(config: Any, joined: str) -> None:
     from jax_uncond.training.outputs import RunOutputs
 
     mesh = sharding.make_mesh()
+    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    config, source = pretrained.prepare(config, resume, say)
     model = build_model(config)
+    start = None if source is None else pretrained.load(source, model, config)
     # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
     config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
     check_resolution(config, model)
     scheduler = build_scheduler(config)
     batch = global_batch_size(config, mesh)
-    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     outputs = RunOutputs(config, model, scheduler, mesh)
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
@@ -153,7 +157,7 @@ def _run(config: Any, joined: str) -> None:
         from jax_uncond.evaluation.fid import FidEvaluator
 
         fid = FidEvaluator(config, model, scheduler, mesh, batch, loader.source) if config.fid_epochs else None
-        train(config, model, scheduler, mesh, loader, outputs, batch, resume, fid)
+        train(config, model, scheduler, mesh, loader, outputs, batch, resume, start, fid)
     finally:
         loader.close()
 
@@ -186,11 +190,13 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 
 
 def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any,
-          batch_size: int, resume: tuple[str, int] | None, fid: FidEvaluator | None = None) -> TrainState:
+          batch_size: int, resume: tuple[str, int] | None, start: pretrained.FineTune | None = None,
+          fid: FidEvaluator | None = None) -> TrainState:
     """The training loop over global batches of `batch_size` x accumulation steps; returns the final state.
 
     `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh;
     with `latest`, an older checkpoint when that one cannot be restored (`checkpoint.restore_resume`).
+    A fresh state starts from `start`'s pretrained weights when given, else from the init.
     `fid` scores the samples at the epochs it says (--fid_epochs), if given.
     """
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
@@ -209,10 +215,10 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
                                    config.checkpoints_total_limit)
     if resume is None:
-        state = jax.jit(init_state, out_shardings=state_sharding)()
+        state = jax.jit(init_state, out_shardings=state_sharding)(None if start is None else start.weights)
         why = ("no checkpoint in the output folder yet" if config.resume_from_checkpoint == "latest"
                else "--resume_from_checkpoint not given")
-        say(f"start: fresh initialisation (seed {config.seed}; {why})")
+        say(start.line if start is not None else f"start: fresh initialisation (seed {config.seed}; {why})")
     else:
         source, resume_step, (state, loader_state, _) = ckpt.restore_resume(
             resume, config.resume_from_checkpoint, checkpoints, ckpt.abstract_state(shapes, mesh))
