@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from jax_uncond import __version__
+from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM
+from jax_uncond.schedulers.samplers import SAMPLERS
 
 SECRET_KEYS = frozenset({"hub_token"})
 """Config keys that never reach logs, saved configs, checkpoints or uploads."""
@@ -156,6 +158,24 @@ def _flags() -> list[Flag]:
           pytorch=False),
         F("process_id", None, "This process's index, with --coordinator_address.", int, group="distributed",
           pytorch=False),
+        # --- evaluation (docs/evaluation.md)
+        F("fid_epochs", 0, "Compute FID and KID of the EMA weights (the raw ones without --use_ema) every this many "
+          "epochs and at the end; 0: off.", int, group="evaluation", pytorch=False),
+        F("fid_num_samples", 10000, "Images sampled for each FID.", int, group="evaluation", pytorch=False),
+        F("fid_scheduler", "ddim", "The sampler of the FID images.", str, tuple(SAMPLERS), group="evaluation",
+          pytorch=False),
+        F("fid_inference_steps", None, "Denoising steps of the FID images (default: the sampler's usual count, 50 "
+          "for ddim; --ddpm_num_steps for ddpm).", int, group="evaluation", pytorch=False),
+        F("fid_batch_size", None, "Images per sampling call over all devices, a multiple of their count (default: "
+          "the global training batch).", int, group="evaluation", pytorch=False),
+        F("fid_dims", 2048, "Inception features FID and KID use: 2048 (pool3, the standard) or an earlier block's, as "
+          "pytorch-fid's --dims.", int, tuple(BLOCK_INDEX_BY_DIM), group="evaluation", pytorch=False),
+        F("fid_reference", None, "The reference: a folder of images, or an .npz with `mu` and `sigma` (pytorch-fid's "
+          "format). Default: the training data through the loader, its statistics cached in --output_dir.", str,
+          group="evaluation", pytorch=False),
+        F("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: downloaded once "
+          "into $JAX_UNCOND_CACHE or ~/.cache/jax_uncond, checksum checked).", str, group="evaluation",
+          pytorch=False),
     ]
 
 
@@ -195,14 +215,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in FLAGS:
-        group = groups.setdefault(flag.group, parser.add_argument_group(flag.group))
-        help_text = flag.help + ("" if flag.store_true else " (default: %(default)s)")
-        if flag.store_true:
-            group.add_argument(f"--{flag.name}", action="store_true", default=flag.default, help=help_text)
-        else:
-            group.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
-                               help=help_text)
+        add_flag(groups.setdefault(flag.group, parser.add_argument_group(flag.group)), flag)
     return parser
+
+
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: Flag) -> None:
+    """Declare `flag` on a parser (also the other commands' parsers that share training flags)."""
+    help_text = flag.help + ("" if flag.store_true else " (default: %(default)s)")
+    if flag.store_true:
+        parser.add_argument(f"--{flag.name}", action="store_true", default=flag.default, help=help_text)
+    else:
+        parser.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
+                            help=help_text)
 
 
 def preset_names() -> list[str]:
@@ -282,10 +306,13 @@ def validate(config: Any) -> Any:
     positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                 "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
                 "checkpointing_steps", "max_nonfinite_steps"]
-    for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit"]:
+    for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit", "fid_num_samples",
+                           "fid_inference_steps", "fid_batch_size"]:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
+    if config.fid_epochs < 0:
+        raise ValueError(f"--fid_epochs must be >= 0 (0: no FID), got {config.fid_epochs}")
     if config.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
     if config.dataset_name is not None and config.train_data_dir is not None:

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
+
+if TYPE_CHECKING:
+    from jax_uncond.evaluation.fid import FidEvaluator
 
 SEED_UNET_CONFIG = {
     "in_channels": 3,
@@ -151,7 +154,10 @@ def _run(config: Any, joined: str) -> None:
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
     try:
-        train(config, model, scheduler, mesh, loader, outputs, batch, resume, start)
+        from jax_uncond.evaluation.fid import FidEvaluator
+
+        fid = FidEvaluator(config, model, scheduler, mesh, batch, loader.source) if config.fid_epochs else None
+        train(config, model, scheduler, mesh, loader, outputs, batch, resume, start, fid)
     finally:
         loader.close()
 
@@ -184,12 +190,14 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 
 
 def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any,
-          batch_size: int, resume: tuple[str, int] | None, start: pretrained.FineTune | None = None) -> TrainState:
+          batch_size: int, resume: tuple[str, int] | None, start: pretrained.FineTune | None = None,
+          fid: FidEvaluator | None = None) -> TrainState:
     """The training loop over global batches of `batch_size` x accumulation steps; returns the final state.
 
     `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh;
     with `latest`, an older checkpoint when that one cannot be restored (`checkpoint.restore_resume`).
     A fresh state starts from `start`'s pretrained weights when given, else from the init.
+    `fid` scores the samples at the epochs it says (--fid_epochs), if given.
     """
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
@@ -276,6 +284,9 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             if checkpoints.should_save(step) or step == max_steps or preempted:
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
+                if fid is not None and fid.due((step - 1) // steps_per_epoch, step == max_steps):  # before the card
+                    outputs.log(step, fid(state.ema_params if config.use_ema else state.params, step))
+                    outputs.card_metrics.update(fid.card_metrics())
                 outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
                                   last=step == max_steps, step=step)
             aside += time.perf_counter() - paused
@@ -294,7 +305,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     summary = {"step": step, "loss": last.get("loss", math.nan), "nonfinite_steps": int(last.get("nonfinite_total", 0)),
-               **figures, "skipped_files": loader.skipped_files}
+               **figures, "skipped_files": loader.skipped_files, **(fid.summary() if fid is not None else {})}
     outputs.close(summary)
     return state
 

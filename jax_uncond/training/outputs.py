@@ -57,8 +57,8 @@ def image_grid(images: np.ndarray) -> Image.Image:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to uint8, rounded as diffusers' `numpy_to_pil` and the PyTorch script do."""
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    """[0, 1] floats to uint8, rounded as diffusers' `numpy_to_pil` and the PyTorch script do (numpy or jax)."""
+    return (images.clip(0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def host_params(params: Any) -> Any:
