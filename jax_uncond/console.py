@@ -1,7 +1,7 @@
 """What reaches the user's terminal: this package's lines, not its libraries' internal chatter.
 
-`setup_logging()` is called once at start-up by `train_flax.py`, `python -m jax_uncond.export` and
-`python -m jax_uncond.sample`. Library records that say nothing the user must act on are dropped:
+`setup_logging()` is called once at start-up by every command (`jax-uncond-train` / `train_flax.py`,
+`-export`, `-sample`, `-evaluate`). Library records that say nothing the user must act on are dropped:
 absl records below ERROR (Orbax logs through absl: "Given directory is read only", "Waiting for
 previous save to complete took ..."), absl errors that carry a traceback (Orbax logs every failure it
 also raises, and the run reports the raised exception in one line), and asyncio's "exception was never
