@@ -2,7 +2,7 @@
 
 It says what the model is, shows the run's newest sample grid, how to load it with diffusers, and how
 it was trained (dataset, steps, hardware, the flags that matter, all of them folded away, and metrics
-such as FID once measured). Built from the secret-free `to_dict(config)`, so the token never appears.
+such as FID once measured). Built from the secret-free `to_preset(config)`, so the token never appears.
 Written by the run with every pipeline folder (and uploaded with it) and by `jax_uncond.export`.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from jax_uncond import __version__
-from jax_uncond.training.config import TrainConfig, to_dict
+from jax_uncond.training.config import TrainConfig, to_preset
 
 CARD_FILE = "README.md"
 TAGS = ("diffusers", "unconditional-image-generation", "jax", "ddpm", "jax_uncond")
@@ -46,9 +46,8 @@ def newest_grid(samples_dir: str) -> str | None:
     return os.path.join(samples_dir, epochs[max(epochs)]) if epochs else None
 
 
-def hub_dataset(config: TrainConfig) -> str | None:
-    """--dataset_name when it is a Hub dataset id (not a local folder, not `tfds:`), for the card's metadata."""
-    name = config.dataset_name
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it is a Hub repository id (not a local path, not `tfds:`), else None."""
     if name is None or name.startswith("tfds:") or os.path.exists(name):
         return None
     try:
@@ -56,6 +55,11 @@ def hub_dataset(config: TrainConfig) -> str | None:
     except huggingface_hub.errors.HFValidationError:
         return None
     return name
+
+
+def hub_dataset(config: TrainConfig) -> str | None:
+    """--dataset_name when it is a Hub dataset id, for the card's metadata."""
+    return _hub_id(config.dataset_name)
 
 
 def _dataset(config: TrainConfig) -> str:
@@ -93,7 +97,8 @@ def model_card(config: TrainConfig, params: Any, *, grid: str | None = None, ste
     dataset = hub_dataset(config)
     data = huggingface_hub.ModelCardData(library_name="diffusers", license=config.hub_license, tags=list(TAGS),
                                          pipeline_tag="unconditional-image-generation",
-                                         datasets=None if dataset is None else [dataset])
+                                         datasets=None if dataset is None else [dataset],
+                                         base_model=_hub_id(config.pretrained_model_name_or_path))
     where = name_or_path or config.output_dir
     lines = [
         "---", data.to_yaml(), "---", "",
@@ -120,6 +125,8 @@ def model_card(config: TrainConfig, params: Any, *, grid: str | None = None, ste
         "## Training", "",
         f"- Dataset: {_dataset(config)}",
     ]
+    if config.pretrained_model_name_or_path is not None:
+        lines.append(f"- Fine-tuned from: `{config.pretrained_model_name_or_path}`")
     if step is not None:
         lines.append(f"- Steps: {step:,} optimizer steps")
     lines.append(f"- Weights: {'the exponential moving average (EMA)' if ema else 'the trained weights (no EMA)'}")
@@ -127,7 +134,7 @@ def model_card(config: TrainConfig, params: Any, *, grid: str | None = None, ste
         lines.append(f"- Hardware: {hardware}")
     lines += [f"- Software: jax_uncond {__version__}, jax {jax.__version__}", "",
               "| flag | value |", "|---|---|"]
-    settings = json.loads(json.dumps(to_dict(config)))  # tuples (the resolved UNet config's) become lists
+    settings = json.loads(json.dumps(to_preset(config)))  # tuples (the resolved UNet config's) become lists
     lines += [f"| `--{k}` | {_value(settings[k])} |" for k in KEY_FLAGS if settings.get(k) is not None]
     lines += ["", "<details><summary>Every flag of the run, as a preset for <code>--config</code></summary>", "",
               "```yaml", yaml.safe_dump(settings, sort_keys=False, default_flow_style=None).rstrip(), "```", "",

@@ -55,7 +55,10 @@ def test_card_preset_reproduces_the_run(tmp_path):
     (tmp_path / "run.yaml").write_text(preset)
     again = parse_args(["--config", str(tmp_path / "run.yaml")])
     again = again.__class__(**{**vars(again), "unet": build_model(again).config})  # YAML lists -> the model's tuples
-    assert again == config.__class__(**{**vars(config), "hub_token": None, "config": str(tmp_path / "run.yaml")})
+    # A preset sets every flag it holds, so all of them count as given (explicit_flags) in the run it starts.
+    expected = {**vars(config), "hub_token": None, "config": str(tmp_path / "run.yaml"),
+                "explicit_flags": again.explicit_flags}
+    assert again == config.__class__(**expected)
 
 
 @pytest.mark.parametrize("flags,described", [
@@ -74,3 +77,11 @@ def test_card_without_a_hub_dataset(tmp_path, flags, described):
 
 def test_hardware_names_the_devices():
     assert mc.hardware() == "8 x cpu"  # tests/conftest.py: 8 CPU devices, one process
+
+
+def test_fine_tuned_card_names_its_base_model(folder):
+    """A run started from a Hub model says so in the metadata (`base_model`) and in the text."""
+    config = parse_args(["--config", "quickstart", "--pretrained_model_name_or_path", "google/ddpm-cifar10-32"])
+    card = ModelCard.load(mc.write_model_card(str(folder), config, PARAMS))
+    assert card.data.base_model == "google/ddpm-cifar10-32"
+    assert "- Fine-tuned from: `google/ddpm-cifar10-32`" in card.text

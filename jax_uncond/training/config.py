@@ -182,6 +182,8 @@ def _flags() -> list[Flag]:
 FLAGS: tuple[Flag, ...] = tuple(_flags())
 PRESET_ONLY_KEYS = frozenset({"unet"})
 """YAML-only keys: `unet` is an inline UNet2DModel config mapping (instead of --model_config_name_or_path)."""
+PRESET_KEYS = frozenset(f.name for f in FLAGS) | PRESET_ONLY_KEYS
+"""The keys a YAML preset may hold."""
 
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
@@ -196,8 +198,16 @@ TrainConfig.__doc__ = """The frozen run configuration: one field per flag, plus 
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as a plain dict with secrets removed: the form that is logged and saved."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SECRET_KEYS}
+    """The config as a plain dict with secrets removed (their values, and their names from `explicit_flags`):
+    the form that is logged and saved."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in SECRET_KEYS}
+    values["explicit_flags"] = tuple(k for k in values["explicit_flags"] if k not in SECRET_KEYS)
+    return values
+
+
+def to_preset(config: Any) -> dict[str, Any]:
+    """The config as a YAML preset that `--config` takes back: every flag and the `unet` mapping, no secrets."""
+    return {k: v for k, v in to_dict(config).items() if k in PRESET_KEYS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -252,10 +262,9 @@ def load_preset(path: str) -> dict[str, Any]:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in FLAGS} | PRESET_ONLY_KEYS
-    unknown = sorted(set(preset) - known)
+    unknown = sorted(set(preset) - PRESET_KEYS)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, PRESET_KEYS, 1)) else k
                  for k in unknown]
         raise ValueError(f"--config {path}: unknown keys: {', '.join(hints)}")
     if SECRET_KEYS & set(preset):
