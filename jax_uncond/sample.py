@@ -15,13 +15,15 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jax_uncond import __version__
+from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jax_uncond.sample", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("pipeline_dir", help="A DDPMPipeline folder (model_index.json, unet/, scheduler/).")
     parser.add_argument("--num_images", type=int, default=16, help="How many images (default: %(default)s).")
     parser.add_argument("--out", required=True, help="Folder for the PNG files (created if missing).")
@@ -37,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`jax-uncond-sample` (`prog`: the command's name in --help and errors; default: how it was called)."""
+    setup_logging()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     for name in ("num_images", "steps", "batch_size"):
         value = getattr(args, name)
@@ -73,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jax_uncond.sample"))

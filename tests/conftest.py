@@ -1,6 +1,11 @@
-"""Test-wide setup: 8 CPU devices for sharding tests, set before JAX is first imported."""
+"""Test-wide setup: 8 CPU devices for sharding tests, set before JAX is first imported; subprocesses
+import the same jax_uncond as the tests (the installed wheel in CI, the source tree in a clone)."""
 
+import importlib.util
+import logging
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,9 +13,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import logging  # noqa: E402
+PACKAGE = importlib.util.find_spec("jax_uncond").submodule_search_locations[0]
+"""The jax_uncond folder under test (found without importing it, so JAX starts after the flags above)."""
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(PACKAGE), os.environ.get("PYTHONPATH")) if p)
 
-import pytest  # noqa: E402
+
+def pytest_report_header(config):
+    return f"jax_uncond under test: {PACKAGE}"
+
+
+@pytest.fixture(scope="session")
+def pretrained_sources(tmp_path_factory):
+    """Every layout of one small PyTorch run that --pretrained_model_name_or_path reads (finetune_parts.py),
+    shared by the fine-tuning test files."""
+    from finetune_parts import make_sources
+
+    return make_sources(tmp_path_factory.mktemp("pretrained_sources"))
 
 
 @pytest.fixture(scope="module")

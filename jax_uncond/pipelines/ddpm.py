@@ -158,6 +158,16 @@ class FlaxDDPMPipeline:
             images = numpy_to_pil(images)
         return FlaxImagePipelineOutput(images=images) if return_dict else (images,)
 
+    def sample_on_mesh(self, params: dict, rng: jax.Array, batch_size: int, num_inference_steps: int,
+                       scheduler: Scheduler, mesh: Mesh) -> jax.Array:
+        """`batch_size` images over every device of `mesh` (of every process): a global NHWC jax.Array in [0, 1]
+        split over the batch and never gathered (FID sampling). `params` live on `mesh` (replicated); the jitted
+        sampler places the host-side scheduler state and `rng` itself (also across processes)."""
+        shape = self._latent_shape(batch_size)
+        state = _scheduler_state(scheduler, num_inference_steps, shape)
+        sampler, _ = _build_sampler(self.unet, scheduler, shape, 0.0, False, tuple(mesh.devices.flat))
+        return sampler(params["unet"], state, rng)
+
     def _latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.unet.sample_size
         if size is None:

@@ -27,6 +27,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host values (the same on every process) as arrays replicated over `mesh`, also where the mesh spans
+    processes (`jax.device_put` refuses devices of other processes; a jitted identity does not)."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
 def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Split the batch axis (the leading one, or `axis`) over the `data` axis; other axes whole."""
     return NamedSharding(mesh, P(*(None,) * axis, DATA_AXIS))
