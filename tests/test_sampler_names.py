@@ -68,11 +68,9 @@ def test_eval_scheduler_flag(tmp_path, capsys):
                          "--ddpm_num_inference_steps", "20"])  # fmt: skip
     assert config.eval_scheduler == "dpmsolver++"
     assert parse_args(["--output_dir", str(tmp_path)]).eval_scheduler == "ddpm"  # as the PyTorch script samples
-    for argv, message in ((["--eval_scheduler", "plms"], "invalid choice: 'plms'"),
-                          (["--ddpm_num_steps", "100"], "--ddpm_num_inference_steps (1000) must be at most")):
-        with pytest.raises(SystemExit) as info:
-            parse_args(["--output_dir", str(tmp_path), *argv])
-        assert info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--output_dir", str(tmp_path), "--eval_scheduler", "plms"])
+    assert info.value.code == 2 and "invalid choice: 'plms'" in capsys.readouterr().err
 
 
 def test_sample_grids_use_the_eval_scheduler(tmp_path):
@@ -91,6 +89,9 @@ def test_eval_scheduler_that_cannot_sample_the_schedule_is_a_usage_error(tmp_pat
                          "--ddpm_beta_schedule", "sigmoid"])  # fmt: skip
     with pytest.raises(UsageError, match="--eval_scheduler dpmsolver\\+\\+: beta_schedule must be one of 'linear'"):
         out.RunOutputs(config, model=None, scheduler=FlaxDDPMScheduler(beta_schedule="sigmoid"), mesh=None)
+    config = parse_args(["--output_dir", str(tmp_path / "run"), "--eval_scheduler", "unipc", "--ddpm_num_steps", "100"])
+    with pytest.raises(UsageError, match="--eval_scheduler unipc: num_inference_steps must be between 1 and"):
+        out.RunOutputs(config, model=None, scheduler=FlaxDDPMScheduler(num_train_timesteps=100), mesh=None)
 
 
 def test_sample_cli_checks_the_steps_before_compiling(tmp_path, capsys):

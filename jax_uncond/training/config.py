@@ -323,9 +323,6 @@ def validate(config: Any) -> Any:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
-    if config.ddpm_num_inference_steps > config.ddpm_num_steps:
-        raise ValueError(f"--ddpm_num_inference_steps ({config.ddpm_num_inference_steps}) must be at most "
-                         f"--ddpm_num_steps ({config.ddpm_num_steps}), the timesteps the model is trained on")
     if config.fid_epochs < 0:
         raise ValueError(f"--fid_epochs must be >= 0 (0: no FID), got {config.fid_epochs}")
     if config.dataloader_num_workers < 0:
