@@ -12,7 +12,6 @@ diffusers is not finite (UniPC bh1 at a final sigma of 0), ours is finite and th
 import json
 import logging
 
-import diffusers
 import diffusers.schedulers.scheduling_dpmsolver_multistep as torch_dpm
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as torch_euler_a
 import diffusers.schedulers.scheduling_euler_discrete as torch_euler

@@ -26,6 +26,7 @@ from jax_uncond.schedulers.base import (
     check_sigma_options,
 )
 from jax_uncond.schedulers.common import (
+    CORE_BETA_SCHEDULES,
     VARIANCE_TYPES,
     CommonSchedulerState,
     FlaxSchedulerOutput,
@@ -69,13 +70,13 @@ class DPMSolverMultistepSchedulerState:
 class FlaxDPMSolverMultistepScheduler(FlaxSchedulerBase):
     """DPM-Solver++ (the default), DPM-Solver and their SDE variants: 10-25 steps for a DDPM-trained model.
 
-    Build one from a training config as diffusers users do:
-    `FlaxDPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)`.
+    Build one from a training config as diffusers users do, `FlaxDPMSolverMultistepScheduler.from_config(
+    pipeline.scheduler.config)`, or with `samplers.make_sampler("dpmsolver++", config)`, which also starts
+    at the last timestep and keeps DDPM's x_0 clipping (docs/sampling.md).
     """
 
     diffusers_class = "DPMSolverMultistepScheduler"
-    # diffusers' DPMSolverMultistepScheduler implements only these (NotImplementedError for the others).
-    beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_schedules = CORE_BETA_SCHEDULES
 
     def __init__(
         self,

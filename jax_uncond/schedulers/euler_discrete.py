@@ -18,6 +18,7 @@ import numpy as np
 
 from jax_uncond.schedulers.base import FlaxSchedulerBase, check_choice, check_optional_sigma, check_sigma_options
 from jax_uncond.schedulers.common import (
+    CORE_BETA_SCHEDULES,
     CommonSchedulerState,
     FlaxSchedulerOutput,
     check_step,
@@ -50,7 +51,7 @@ class EulerDiscreteSchedulerState:
 class FlaxEulerSchedulerBase(FlaxSchedulerBase):
     """What the Euler and Euler-ancestral schedulers share: the sigma state and the input scaling."""
 
-    beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_schedules = CORE_BETA_SCHEDULES
 
     def create_state(self) -> EulerDiscreteSchedulerState:
         """All training timesteps and their sigmas; call `set_timesteps` before `step`."""

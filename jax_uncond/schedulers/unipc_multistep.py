@@ -25,6 +25,7 @@ from jax_uncond.schedulers.base import (
     check_sigma_options,
 )
 from jax_uncond.schedulers.common import (
+    CORE_BETA_SCHEDULES,
     CommonSchedulerState,
     FlaxSchedulerOutput,
     check_finite_weights,
@@ -62,13 +63,14 @@ class UniPCMultistepSchedulerState:
 
 
 class FlaxUniPCMultistepScheduler(FlaxSchedulerBase):
-    """UniPC with the bh1/bh2 variants, any solver_order, data or noise prediction: 5-20 steps.
+    """UniPC with the bh1/bh2 variants, any solver_order, data or noise prediction: 10-20 steps.
 
-    `FlaxUniPCMultistepScheduler.from_config(pipeline.scheduler.config)` samples a DDPM-trained model.
+    `FlaxUniPCMultistepScheduler.from_config(pipeline.scheduler.config)` samples a DDPM-trained model;
+    `samplers.make_sampler("unipc", config)` also starts at the last timestep and keeps DDPM's clipping.
     """
 
     diffusers_class = "UniPCMultistepScheduler"
-    beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_schedules = CORE_BETA_SCHEDULES
 
     def __init__(
         self,
