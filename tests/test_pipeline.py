@@ -173,9 +173,14 @@ def test_call_errors(loaded):
         pipeline(params, rng, batch_size=2, num_inference_steps=2, latents=np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipeline(params, rng, num_inference_steps=1001)
+    with pytest.raises(ValueError, match="scheduler must be one of .*FlaxUniPCMultistepScheduler.*; got DDIMScheduler"):
+        pipeline(params, rng, num_inference_steps=2, scheduler=DDIMScheduler())  # diffusers' own, not ours
+    with pytest.raises(ValueError, match="eta=0.5 applies to DDIM only"):
+        pipeline(params, rng, num_inference_steps=2, scheduler=FlaxUniPCMultistepScheduler(), eta=0.5)
 
 
-@pytest.mark.parametrize("scheduler_cls", [FlaxDDPMScheduler, FlaxDDIMScheduler])
+@pytest.mark.parametrize("scheduler_cls", [FlaxDDPMScheduler, FlaxDDIMScheduler, FlaxUniPCMultistepScheduler,
+                                           FlaxEulerAncestralDiscreteScheduler])
 def test_saved_folder_loads_in_diffusers(tmp_path, loaded, scheduler_cls, caplog):
     pipeline, params = loaded
     scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
