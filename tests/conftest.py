@@ -2,6 +2,7 @@
 import the same jax_uncond as the tests (the installed wheel in CI, the source tree in a clone)."""
 
 import importlib.util
+import logging
 import os
 
 import pytest
@@ -28,3 +29,25 @@ def pretrained_sources(tmp_path_factory):
     from finetune_parts import make_sources
 
     return make_sources(tmp_path_factory.mktemp("pretrained_sources"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch's OpenMP threads crawl on a shared, oversubscribed CPU (1 s per tiny UNet call with 2)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def diffusers_warnings(caplog):
+    """Capture diffusers' log records (its loggers do not propagate by default)."""
+    import diffusers
+
+    diffusers.utils.logging.enable_propagation()
+    caplog.set_level(logging.WARNING)
+    yield caplog
+    diffusers.utils.logging.disable_propagation()

@@ -34,14 +34,16 @@ class FakePipeline:
     """Stands in for FlaxDDPMPipeline: images are a function of the rng and the params."""
 
     calls = []
+    schedulers = []
 
     def __init__(self, unet, scheduler):
         self.unet, self.scheduler = unet, scheduler
 
-    def __call__(self, params, rng, batch_size, num_inference_steps, output_type):
+    def __call__(self, params, rng, batch_size, num_inference_steps, output_type, scheduler=None):
         import jax
 
         FakePipeline.calls.append((batch_size, num_inference_steps))
+        FakePipeline.schedulers.append(scheduler)
         noise = jax.random.uniform(rng, (batch_size, 8, 8, 3))
         return type("Out", (), {"images": np.asarray(noise) * params["unet"]["w"]})
 
@@ -54,7 +56,7 @@ class FakePipeline:
 
 @pytest.fixture
 def fake_pipeline(monkeypatch):
-    FakePipeline.calls = []
+    FakePipeline.calls, FakePipeline.schedulers = [], []
     monkeypatch.setattr(out.RunOutputs, "pipeline", lambda self: FakePipeline(self.model, self.scheduler))
     return FakePipeline
 

@@ -118,6 +118,9 @@ def _flags() -> list[Flag]:
         F("max_nonfinite_steps", 25, "Stop after this many consecutive steps with a non-finite loss or gradient "
           "(each is skipped and counted; the last checkpoint stays untouched).", int, group="training",
           pytorch=False),
+        F("eval_scheduler", "ddpm", "The sampler of the sample grids, built from the training noise schedule; "
+          "it takes --ddpm_num_inference_steps steps, so lower that too (e.g. 20 for dpmsolver++; "
+          "docs/sampling.md).", str, tuple(SAMPLERS), group="training", pytorch=False),
         F("config", None, "A YAML preset: a file, or the name of one shipped with the package (e.g. quickstart; "
           "jax_uncond/configs/); explicit flags override its values.", str, group="training", pytorch=False),
         # --- optimizer

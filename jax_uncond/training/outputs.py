@@ -24,7 +24,9 @@ from tqdm import tqdm
 from jax_uncond.errors import UsageError
 from jax_uncond.model_card import hardware, write_model_card
 from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
-from jax_uncond.training.config import to_dict
+from jax_uncond.schedulers.base import FlaxSchedulerBase
+from jax_uncond.schedulers.samplers import make_sampler
+from jax_uncond.training.config import TrainConfig, to_dict
 from jax_uncond.training.faults import Survivor
 from jax_uncond.training.uploads import HubUploads
 
@@ -42,6 +44,19 @@ def output_dir_check(output_dir: str) -> None:
     """The output path must be a folder or not exist yet."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
+
+
+def eval_scheduler(config: TrainConfig, scheduler: FlaxSchedulerBase) -> FlaxSchedulerBase:
+    """The sampler of the sample grids: the training scheduler for ddpm (as the PyTorch script samples),
+    else --eval_scheduler built from its config, checked at start-up with --ddpm_num_inference_steps."""
+    if config.eval_scheduler == "ddpm":
+        return scheduler
+    try:
+        sampler = make_sampler(config.eval_scheduler, scheduler.config)
+        sampler.set_timesteps(sampler.create_state(), config.ddpm_num_inference_steps)
+    except ValueError as e:
+        raise UsageError(f"--eval_scheduler {config.eval_scheduler}: {e}") from e
+    return sampler
 
 
 def image_grid(images: np.ndarray) -> Image.Image:
@@ -148,6 +163,7 @@ class RunOutputs:
         self.config = config
         self.model = model
         self.scheduler = scheduler
+        self.eval_scheduler = eval_scheduler(config, scheduler)
         self.mesh = mesh
         self.writes = jax.process_index() == 0
         self._step = 0
@@ -217,11 +233,12 @@ class RunOutputs:
         return FlaxDDPMPipeline(unet=self.model, scheduler=self.scheduler)
 
     def sample(self, params: Any) -> np.ndarray:
-        """--eval_batch_size images (NHWC in [0, 1]) from the same seeded noise every time."""
+        """--eval_batch_size images (NHWC in [0, 1]) from the same seeded noise every time, drawn by
+        --eval_scheduler in --ddpm_num_inference_steps steps."""
         rng = jax.random.fold_in(jax.random.key(self.config.seed), SAMPLE_SEED_SALT)
         return np.asarray(self.pipeline()({"unet": params}, rng, batch_size=self.config.eval_batch_size,
                                           num_inference_steps=self.config.ddpm_num_inference_steps,
-                                          output_type="np").images)
+                                          scheduler=self.eval_scheduler, output_type="np").images)
 
     def save_samples(self, epoch: int, params: Any) -> str:
         """Samples the grid, logs it to the tracker and writes output_dir/samples/epoch_XXXX.png; returns the path."""

@@ -33,9 +33,9 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split the leading (batch) axis over the `data` axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Split the batch axis (the leading one, or `axis`) over the `data` axis; other axes whole."""
+    return NamedSharding(mesh, P(*(None,) * axis, DATA_AXIS))
 
 
 def state_shardings(mesh: Mesh, state_shapes: Any) -> Any:
