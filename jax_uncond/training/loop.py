@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jax_uncond.errors import UsageError
+from jax_uncond.errors import RunError, UsageError
 from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
 from jax_uncond.training.config import to_dict
@@ -44,8 +44,8 @@ SEED_UNET_CONFIG = {
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+class NonFiniteError(RunError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped (one line, exit code 1)."""
 
 
 def say(message: str) -> None:
