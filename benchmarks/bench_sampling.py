@@ -1,13 +1,17 @@
-"""Sampling throughput: FlaxDDPMPipeline vs diffusers' DDPMPipeline / DDIMPipeline on the same UNet.
+"""Sampling throughput: FlaxDDPMPipeline vs diffusers' scheduler + UNet2DModel loop, every sampler.
 
 One UNet2DModel (random weights, written by diffusers as a DDPMPipeline folder) is loaded by both
-sides; each generates the same batch with the same number of steps, DDPM and DDIM (eta=0). JAX runs
-its one compiled sampler over all local devices; PyTorch runs diffusers' pipelines on CUDA if present,
-else the CPU. Prints images/s of each, the ratio JAX / PyTorch, and JAX's compile time (first call
-minus a steady call), measured in the same run.
+sides; each generates the same batch with the same number of steps with every sampler of the table
+(schedulers/samplers.py: ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc, euler, euler_ancestral), each
+built from the folder's DDPM config. JAX runs its one compiled sampler over all local devices; PyTorch
+runs diffusers' loop as its pipelines do (initial sigma, scale_model_input, unet, step) on CUDA if
+present, else the CPU. Each side runs in its own process (the two runtimes' CPU thread pools slow each
+other down). Prints images/s of each, the ratio JAX / PyTorch, and JAX's compile time (first call minus
+a steady call).
 
-    python benchmarks/bench_sampling.py                  # small CPU config (about a minute)
+    python benchmarks/bench_sampling.py                  # small CPU config (a few minutes)
     python benchmarks/bench_sampling.py --preset seed64  # diffusers' 64x64 example UNet, batch 64 (GPU)
+    python benchmarks/bench_sampling.py --samplers ddim dpmsolver++ --steps 50
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_uncond import xla_flags  # noqa: E402
 
 xla_flags.apply()  # as `python -m jax_uncond.sample` does, before the backend starts
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
-
-from jax_uncond import FlaxDDIMScheduler, FlaxDDPMPipeline  # noqa: E402
+from jax_uncond.schedulers.samplers import SAMPLERS, make_sampler  # noqa: E402
 from jax_uncond.training.loop import SEED_UNET_CONFIG  # noqa: E402
 
+RESULT = "RESULT"
 PRESETS = {
     "cpu": dict(unet={"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
                       "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
@@ -41,22 +42,23 @@ PRESETS = {
                 resolution=32, batch=8, steps=20),
     "seed64": dict(unet=dict(SEED_UNET_CONFIG), resolution=64, batch=64, steps=50),
 }  # fmt: skip
-DTYPES = {"fp32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfloat16)}
+PRECISIONS = ("fp32", "bf16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--batch_size", type=int, help="images per call (default: the preset's)")
-    parser.add_argument("--steps", type=int, help="denoising steps per call (default: the preset's)")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"],
-                        help="ddpm, ddim, or NAME:STEPS to give one its own step count (e.g. ddim:50 ddpm:1000)")
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--precision", choices=DTYPES, default="fp32", help="UNet compute dtype on both sides")
+    parser.add_argument("--steps", type=int, help="denoising steps per call, every sampler (default: the preset's)")
+    parser.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=tuple(SAMPLERS))
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="UNet compute dtype on both sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--torch_threads", type=int,
                         help="PyTorch CPU threads (default: PyTorch's choice; on a shared, busy CPU 1 is fairer: "
                              "its OpenMP threads spin and stall there)")  # fmt: skip
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -69,66 +71,108 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    batch = args.batch_size or preset["batch"]
-    jax_dtype, torch_dtype = DTYPES[args.precision]
+def measure_jax(args: argparse.Namespace, batch: int, steps: int) -> dict:
+    """Per sampler: images/s of the compiled pipeline and its compile time."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_uncond import FlaxDDPMPipeline
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.precision]
+    pipeline, params = FlaxDDPMPipeline.from_pretrained(args.folder, dtype=dtype)
+    results = {"where": f"{len(jax.local_devices())} x {jax.local_devices()[0].device_kind}, JAX {jax.__version__}"}
+    for name in args.samplers:
+        scheduler = make_sampler(name, pipeline.scheduler.config)
+
+        def run() -> None:
+            pipeline(params, jax.random.key(0), batch_size=batch, num_inference_steps=steps, scheduler=scheduler,
+                     output_type="np")  # fmt: skip
+
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        seconds = median_seconds(run, args.repeats)
+        results[name] = {"images_per_s": batch / seconds, "compile_s": first - seconds}
+    return results
+
+
+def measure_torch(args: argparse.Namespace, batch: int, steps: int) -> dict:
+    """Per sampler: images/s of diffusers' loop over the same UNet (what its pipelines run)."""
+    import torch
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UNet2DModel,
+        UniPCMultistepScheduler,
+    )
+
+    classes = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                             EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                             UniPCMultistepScheduler)}  # fmt: skip
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    unet = UNet2DModel.from_pretrained(args.folder, subfolder="unet").to(device=device, dtype=dtype).eval()
+    train_config = DDPMScheduler.from_pretrained(args.folder, subfolder="scheduler").config
+    results = {"where": f"{device} ({torch.get_num_threads()} threads), PyTorch {torch.__version__}"}
+    for name in args.samplers:
+        ours = make_sampler(name, train_config)  # the same config keys, in diffusers' class of the same name
+        scheduler = classes[ours.diffusers_class].from_config(ours.config)
+        generator = torch.Generator(device).manual_seed(0)
+        shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        extra = {"eta": 0.0} if name == "ddim" else {"generator": generator} if name != "unipc" else {}
+
+        def run(n: int = steps) -> None:
+            scheduler.set_timesteps(n)
+            x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    out = unet(scheduler.scale_model_input(x, t), t).sample
+                    x = scheduler.step(out, t, x, **extra).prev_sample
+            (x / 2 + 0.5).clamp(0, 1).float().cpu().numpy()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        run(2)  # warm-up (kernels, allocator)
+        results[name] = {"images_per_s": batch / median_seconds(run, args.repeats)}
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    batch, steps = args.batch_size or preset["batch"], args.steps or preset["steps"]
+    if args.side:  # a child: one side, all samplers
+        measure = measure_jax if args.side == "jax" else measure_torch
+        print(RESULT, json.dumps(measure(args, batch, steps)))
+        return
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(**preset["unet"], sample_size=preset["resolution"]).eval()
     folder = tempfile.mkdtemp(prefix="bench_sampling_")
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
-    pipeline, params = FlaxDDPMPipeline.from_pretrained(folder, dtype=jax_dtype)
-    torch_pipelines = {
-        "ddpm": DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(pipeline.scheduler.config)),
-        "ddim": DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(pipeline.scheduler.config)),
-    }
-    jax_schedulers = {"ddpm": pipeline.scheduler, "ddim": FlaxDDIMScheduler.from_config(pipeline.scheduler.config)}
-
-    print(f"JAX {jax.__version__} on {len(jax.local_devices())} x {jax.local_devices()[0].device_kind}; "
-          f"PyTorch {torch.__version__} on {device} ({torch.get_num_threads()} CPU threads)")  # fmt: skip
+    results = {}
+    for side in ("jax", "torch"):
+        done = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--side", side, "--folder", folder],
+                              check=True, capture_output=True, text=True)  # fmt: skip
+        results[side] = json.loads(done.stdout.split(RESULT, 1)[1])
+    print(f"JAX on {results['jax']['where']}; PyTorch on {results['torch']['where']}")
     print(f"UNet {preset['unet']['block_out_channels']} at {preset['resolution']}x{preset['resolution']}, "
-          f"batch {batch}, {args.precision}")  # fmt: skip
-    results = []
-    for sampler in args.samplers:
-        name, _, own_steps = sampler.partition(":")
-        steps = int(own_steps or args.steps or preset["steps"])
-        key = jax.random.key(0)
-
-        def run_jax() -> None:
-            pipeline(params, key, batch_size=batch, num_inference_steps=steps, scheduler=jax_schedulers[name],
-                     output_type="np")  # fmt: skip
-
-        start = time.perf_counter()
-        run_jax()
-        first = time.perf_counter() - start
-        jax_s = median_seconds(run_jax, args.repeats)
-
-        torch_pipeline = torch_pipelines[name].to(device)
-        if torch_dtype != torch.float32:
-            torch_pipeline = torch_pipeline.to(dtype=torch_dtype)
-        torch_pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device).manual_seed(0)
-
-        def run_torch(n: int = steps) -> None:
-            torch_pipeline(batch_size=batch, generator=generator, num_inference_steps=n, output_type="np")
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        run_torch(2)  # warm-up (kernels, allocator)
-        torch_s = median_seconds(run_torch, args.repeats)
-        print(f"{name} ({steps} steps): jax {batch / jax_s:8.2f} img/s   diffusers {batch / torch_s:8.2f} img/s   "
-              f"ratio {torch_s / jax_s:5.2f}x   (jax compile {first - jax_s:.1f} s)")  # fmt: skip
-        results.append({"sampler": name, "steps": steps, "jax_images_per_s": batch / jax_s,
-                        "torch_images_per_s": batch / torch_s, "ratio": torch_s / jax_s, "jax_compile_s": first - jax_s})
+          f"batch {batch}, {steps} steps, {args.precision}")  # fmt: skip
+    for name in args.samplers:
+        ours, theirs = results["jax"][name], results["torch"][name]
+        print(f"{name:>16}: jax {ours['images_per_s']:8.2f} img/s   diffusers {theirs['images_per_s']:8.2f} img/s   "
+              f"ratio {ours['images_per_s'] / theirs['images_per_s']:5.2f}x   (jax compile {ours['compile_s']:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "batch": batch, "precision": args.precision, "device": device,
-                       "jax_device": jax.local_devices()[0].device_kind, "results": results}, f, indent=2)
+            json.dump({"preset": args.preset, "batch": batch, "steps": steps, "precision": args.precision, **results},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Parts, in order (each in its own processes; a part that fails is recorded and th
              (cached compile time); then the largest batch that fits, from XLA's memory analysis of
              the batch-64 step (per-image temporaries, fixed state), on both sides
   profile    the JAX step's time by category on the device (`profile_train.py`, cache hit)
-  sampling   DDIM 50 steps and DDPM 1000 steps, JAX vs diffusers, batch 64, bf16
+  sampling   DDIM 50 steps and DDPM 1000 steps, JAX vs diffusers' loop, batch 64, bf16
   data       the data loader at 64x64 with as many workers as CPUs, beside PyTorch's DataLoader
 """
 
@@ -29,11 +29,11 @@ RESULTS = os.path.join(HERE, "results")
 RESULT = "RESULT"
 
 REAL = {"preset": "seed64", "precision": "bf16", "batch": 64, "train_steps": 20, "rounds": 3, "max_batch_cap": 1024,
-        "sampling": ["--preset", "seed64", "--batch_size", "64", "--precision", "bf16", "--repeats", "1",
-                     "--samplers", "ddim:50", "ddpm:1000"],
+        "sampling": ["--preset", "seed64", "--batch_size", "64", "--precision", "bf16", "--repeats", "1"],
+        "samplers": (("ddim", 50), ("ddpm", 1000)),
         "data": ["--images", "512", "--batch_size", "64", "--batches", "24"], "budget_s": 480}
 DRY = {"preset": "cpu", "precision": "fp32", "batch": 16, "train_steps": 2, "rounds": 1, "max_batch_cap": 32,
-       "sampling": ["--preset", "cpu", "--batch_size", "2", "--repeats", "1", "--samplers", "ddim:2", "ddpm:3"],
+       "sampling": ["--preset", "cpu", "--batch_size", "2", "--repeats", "1"], "samplers": (("ddim", 2), ("ddpm", 3)),
        "data": ["--images", "24", "--batch_size", "4", "--batches", "2"], "budget_s": 900}
 DRY_MEMORY_LIMIT = 2**30
 """On a CPU there is no device memory limit; the dry run sizes its "largest batch" against 1 GiB."""
@@ -140,11 +140,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| train {report['preset']}, {report['precision']}, batch {row['batch']}"
                      f"{' (largest that fits)' if label == 'largest_batch' else ''} | {rate(jax_side)} | "
                      f"{rate(torch_side)} | {ratio} | {'; '.join(notes)} |")
-    for result in report["parts"].get("sampling", {}).get("results", []):
-        lines.append(f"| sampling {result['sampler'].upper()} {result['steps']} steps, batch "
-                     f"{report['parts']['sampling']['batch']} | {result['jax_images_per_s']:.2f} img/s | "
-                     f"{result['torch_images_per_s']:.2f} img/s | {result['ratio']:.2f}x | "
-                     f"compile {result['jax_compile_s']:.1f}s |")
+    sampling = report["parts"].get("sampling")
+    for run in sampling if isinstance(sampling, list) else []:
+        for name, ours in run["jax"].items():
+            if name == "where":
+                continue
+            theirs = run["torch"][name]["images_per_s"]
+            lines.append(f"| sampling {name.upper()} {run['steps']} steps, batch {run['batch']} | "
+                         f"{ours['images_per_s']:.2f} img/s | {theirs:.2f} img/s | {ours['images_per_s'] / theirs:.2f}x | "
+                         f"compile {ours['compile_s']:.1f}s |")
     for row in report["parts"].get("data", {}).get("rows", []):
         ours, theirs = row["jax_images_per_s"], row["torch_images_per_s"]
         lines.append(f"| data loader {row['resolution']}x{row['resolution']}, {row['workers']} workers | "
@@ -175,9 +179,8 @@ def main() -> None:
     suite.part("train", lambda: train_part(suite, cache_dir, multiple=int(count)))
     suite.part("profile", lambda: suite.run("profile_train.py", "--preset", sizes["preset"], "--steps", "3",
                                             "--no_torch", extra_env={"JAX_COMPILATION_CACHE_DIR": cache_dir})["jax"])
-    # JAX and diffusers share one process here: JAX must not take most of the device memory up front
-    suite.part("sampling", lambda: suite.run("bench_sampling.py", *sizes["sampling"],
-                                             extra_env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}))
+    suite.part("sampling", lambda: [suite.run("bench_sampling.py", *sizes["sampling"], "--samplers", name,
+                                              "--steps", str(steps)) for name, steps in sizes["samplers"]])
     suite.part("data", lambda: suite.run("bench_data.py", *sizes["data"], "--resolutions", "64", "--workers",
                                          str(os.cpu_count() or 1), "--no_step"))
     report = {"device": kind, "platform": platform_name, "device_count": int(count), "jax": jax_version,

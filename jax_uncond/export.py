@@ -1,36 +1,44 @@
 """A training checkpoint -> a diffusers DDPMPipeline folder: `python -m jax_uncond.export SRC OUTPUT_DIR`.
 
 SRC is a checkpoint folder (`.../checkpoints/checkpoint_<step>`) or a run's output folder (then its
-newest checkpoint). The UNet and scheduler are rebuilt from the config saved in the checkpoint, and
-`--ema` (the default when the run kept an EMA) or `--no-ema` chooses the weights. No PyTorch needed.
+newest checkpoint that restores: one warning line for each newer one that does not). The UNet and
+scheduler are rebuilt from the config saved in the checkpoint, and `--ema` (the default when the run
+kept an EMA) or `--no-ema` chooses the weights. No PyTorch needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import shutil
 import sys
 from typing import Any, Sequence
 
 import jax
 
-from jax_uncond import xla_flags
+from jax_uncond import __version__, xla_flags
+from jax_uncond.console import setup_logging
 from jax_uncond.errors import UsageError
+from jax_uncond.model_card import newest_grid, write_model_card
+
+logger = logging.getLogger(__name__)
 
 
-def locate(source: str) -> tuple[str, int]:
-    """(checkpoints directory, step) for a checkpoint folder or a run's output folder."""
+def locate(source: str) -> tuple[str, int, bool]:
+    """(checkpoints directory, step, whether older checkpoints may stand in) for a checkpoint folder
+    or a run's output folder (its newest checkpoint, and the older ones when that cannot be restored)."""
     from jax_uncond.training import checkpoint as ckpt
 
     if os.path.isdir(ckpt.checkpoints_dir(source)):
         found = ckpt.resolve_resume("latest", source)
         if found is None:
             raise UsageError(f"{source}: its checkpoints folder holds no complete checkpoint")
-        return found
+        return (*found, True)
     if os.path.isdir(source):
         try:
-            return ckpt.resolve_resume(os.path.abspath(source), source)
+            return (*ckpt.resolve_resume(os.path.abspath(source), source), False)
         except ckpt.CheckpointError as e:
             raise UsageError(f"{source}: not a checkpoint folder nor a run's output folder with checkpoints "
                              f"({e})") from e
@@ -39,13 +47,10 @@ def locate(source: str) -> tuple[str, int]:
 
 def saved_config(directory: str, step: int) -> Any:
     """The run's TrainConfig as saved in the checkpoint (secrets were never saved)."""
-    import orbax.checkpoint as ocp
-
     from jax_uncond.training import checkpoint as ckpt
     from jax_uncond.training.config import TrainConfig
 
-    manager = ckpt.Checkpoints(directory, every=1, read_only=True)
-    saved = manager.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = ckpt.Checkpoints(directory, every=1, read_only=True).saved_config(step)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -65,27 +70,62 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
     return state.ema_params if ema else state.params
 
 
-def export(source: str, output_dir: str, ema: bool | None = None) -> str:
-    """Writes the DDPMPipeline folder of `source`'s checkpoint to `output_dir`; returns a one-line summary."""
-    directory, step = locate(source)
-    from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
-    from jax_uncond.training.loop import build_model, build_scheduler
+def copy_newest_grid(directory: str, step: int, output_dir: str) -> None:
+    """The run's newest sample grid into output_dir/samples/, for the model card, when `step` is the run's
+    newest checkpoint (an older checkpoint's weights did not draw it)."""
+    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.training.outputs import SAMPLES_DIR
+
+    run_dir = os.path.dirname(os.path.abspath(directory))
+    grid = newest_grid(os.path.join(run_dir, SAMPLES_DIR))
+    newest = ckpt.resolve_resume("latest", run_dir)
+    if grid is None or newest is None or newest != (ckpt.checkpoints_dir(run_dir), step):
+        return
+    target = os.path.join(output_dir, SAMPLES_DIR, os.path.basename(grid))
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(grid, target)
+
+
+def load(directory: str, step: int, source: str, ema: bool | None) -> tuple[Any, Any, Any, bool]:
+    """(the run's config, the inference model, parameters, whether they are the EMA) of checkpoint `step`."""
+    from jax_uncond.training.loop import build_model
 
     config = saved_config(directory, step)
     if ema and not config.use_ema:
         raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
     ema = config.use_ema if ema is None else ema
-    config = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
-                                 enable_xformers_memory_efficient_attention=False)
-    model = build_model(config)
-    params = restore_weights(directory, step, config, model, ema)
+    inference = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
+                                    enable_xformers_memory_efficient_attention=False)
+    model = build_model(inference)
+    return config, model, restore_weights(directory, step, inference, model, ema), ema
+
+
+def export(source: str, output_dir: str, ema: bool | None = None) -> str:
+    """Writes the DDPMPipeline folder of `source`'s checkpoint, with its model card, to `output_dir`;
+    returns a one-line summary."""
+    from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
+    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.training.loop import build_scheduler
+    from jax_uncond.training.outputs import SAMPLES_DIR
+
+    directory, newest, fallback = locate(source)
+    checkpoints = ckpt.Checkpoints(directory, every=1, read_only=True)
+    step, (config, model, params, ema), failures = ckpt.first_restorable(
+        checkpoints, newest, fallback, lambda s: load(directory, s, source, ema), source)
+    for _, error in failures:
+        logger.warning("%s; exporting an older checkpoint", error)
     FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(config)).save_pretrained(output_dir, {"unet": params})
+    copy_newest_grid(directory, step, output_dir)
+    write_model_card(output_dir, config, params, samples=SAMPLES_DIR, step=step, ema=ema, name_or_path=output_dir)
     return f"{'EMA' if ema else 'raw'} weights of {directory}/checkpoint_{step} exported to {output_dir}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_uncond.export", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`jax-uncond-export` (`prog`: the command's name in --help and errors; default: how it was called)."""
+    setup_logging()
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("source", metavar="CHECKPOINT_OR_OUTPUT_DIR",
                         help="A checkpoint folder, or a run's output folder (its newest checkpoint).")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="Where the DDPMPipeline folder is written.")
@@ -101,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jax_uncond.export"))

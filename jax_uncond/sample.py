@@ -15,30 +15,34 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jax_uncond import xla_flags
+from jax_uncond import __version__, xla_flags
+from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jax_uncond.sample", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("pipeline_dir", help="A DDPMPipeline folder (model_index.json, unet/, scheduler/).")
     parser.add_argument("--num_images", type=int, default=16, help="How many images (default: %(default)s).")
     parser.add_argument("--out", required=True, help="Folder for the PNG files (created if missing).")
     parser.add_argument("--scheduler", choices=tuple(SAMPLERS), default="ddpm",
-                        help="ddpm: the folder's scheduler; the others are built from its noise schedule, "
-                             "e.g. ddim (eta 0), good with far fewer steps (default: %(default)s).")
+                        help="ddpm: the folder's scheduler; the others are built from its noise schedule and "
+                             "need far fewer steps (docs/sampling.md) (default: %(default)s).")
+    defaults = ", ".join(f"{name} {s.default_steps}" for name, s in SAMPLERS.items() if s.default_steps)
     parser.add_argument("--steps", type=int, default=None,
-                        help="Denoising steps (default: the training steps for ddpm, 50 for ddim).")
+                        help=f"Denoising steps (default: the training steps for ddpm; {defaults}).")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="Images per compiled call; lower it if memory runs out (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the initial noise (default: %(default)s).")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`jax-uncond-sample` (`prog`: the command's name in --help and errors; default: how it was called)."""
+    setup_logging()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     xla_flags.apply()
     for name in ("num_images", "steps", "batch_size"):
@@ -50,8 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
 
     pipeline, params = FlaxDDPMPipeline.from_pretrained(args.pipeline_dir)
-    scheduler = None if args.scheduler == "ddpm" else make_sampler(args.scheduler, pipeline.scheduler.config)
     steps = args.steps or default_steps(args.scheduler, len(pipeline.scheduler))
+    try:  # the sampler, its schedule and the step count, checked before anything compiles
+        scheduler = None if args.scheduler == "ddpm" else make_sampler(args.scheduler, pipeline.scheduler.config)
+        checked = scheduler or pipeline.scheduler
+        checked.set_timesteps(checked.create_state(), steps)
+    except ValueError as e:
+        parser.error(f"--scheduler {args.scheduler} with {steps} steps: {e}")
     os.makedirs(args.out, exist_ok=True)
     key = jax.random.key(args.seed)
     chunks = []
@@ -69,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m jax_uncond.sample"))

@@ -96,7 +96,7 @@ class RecordingOutputs:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.logs.setdefault(step, {}).update(metrics)
 
-    def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
+    def epoch_end(self, epoch: int, params: Any, last: bool, step: int | None = None) -> None:
         self.epochs.append((epoch, last))
 
     def close(self, summary: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from engine_parts import ArrayLoader, RecordingOutputs, build_parts, host_state, tiny_config  # noqa: E402
 from jax_uncond.training import checkpoint as ckpt  # noqa: E402
-from jax_uncond.training import distributed, metrics  # noqa: E402
+from jax_uncond.training import distributed, metrics, pretrained  # noqa: E402
 from jax_uncond.training.loop import train  # noqa: E402
 from jax_uncond.training.sharding import make_mesh  # noqa: E402
 
@@ -58,11 +58,13 @@ def main():
     distributed.initialize(config)
     metrics.enable_compilation_cache()
     mesh = make_mesh()
+    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    config, source = pretrained.prepare(config, resume, print)  # as loop.run: --pretrained_model_name_or_path
     model, scheduler = build_parts(config)
+    start = None if source is None else pretrained.load(source, model, config)
     loader = SignallingLoader(mesh, config.global_batch_size * config.gradient_accumulation_steps,
                               seed=config.seed, signal_at=signal_at, output_dir=config.output_dir)
-    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size,
-                  ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir))
+    state = train(config, model, scheduler, mesh, loader, RecordingOutputs(), config.global_batch_size, resume, start)
     result = host_state(state)
     if jax.process_index() == 0:
         np.savez(out_path, **result)

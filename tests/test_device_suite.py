@@ -28,8 +28,9 @@ def test_markdown_table_has_every_part_and_names_failures():
                                 "jax_cached_compile_s": 2.0},
                       "largest_batch": {"batch": 512, "jax": jax_side, "torch": {"error": "CUDA out of memory"}}},
             "profile": {"ms": {"convolution": 30.0}, "step_ms": 40.0},
-            "sampling": {"batch": 64, "results": [{"sampler": "ddim", "steps": 50, "jax_images_per_s": 10.0,
-                                                   "torch_images_per_s": 5.0, "ratio": 2.0, "jax_compile_s": 9.0}]},
+            "sampling": [{"batch": 64, "steps": 50, "jax": {"where": "gpu", "ddim": {"images_per_s": 10.0,
+                                                                             "compile_s": 9.0}},
+                          "torch": {"where": "cuda", "ddim": {"images_per_s": 5.0}}}],
             "data": {"error": "TimeoutError: out of the suite's time budget"},
         },
     }

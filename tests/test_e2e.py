@@ -35,7 +35,6 @@ def env_with_devices(n: int) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_DATASETS_OFFLINE"] = "1"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -110,6 +109,7 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
     assert "checkpoint_4" in resumed.stdout + resumed.stderr  # the start-up decision names where it resumes
     assert checkpoint_steps(output_dir) == [2, 4, 6]  # continued from step 4, not from 0
     assert sorted(os.listdir(output_dir / "samples"))[-1] == "epoch_0002.png"
+    assert "- Steps: 6 optimizer steps" in (output_dir / "README.md").read_text()  # the model card
     final = safetensors_of(output_dir)
     assert any(not np.array_equal(first[k], final[k]) for k in first)
 
@@ -124,14 +124,19 @@ def test_train_load_resume_export(workspace, tmp_path, devices, per_device_batch
     with open(exported / "scheduler" / "scheduler_config.json") as f, \
             open(output_dir / "scheduler" / "scheduler_config.json") as g:
         assert json.load(f) == json.load(g)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")  # with the run's newest grid: step 6 is its newest checkpoint
+    assert "![Samples](samples/epoch_0002.png)" in card.text and (exported / "samples" / "epoch_0002.png").is_file()
+    assert "- Steps: 6 optimizer steps" in card.text and card.data.library_name == "diffusers"
 
 
 def run_main(argv, capsys):
     """train_flax.py's main() in this process (8 CPU devices): (exit code, stderr)."""
-    import train_flax
+    from jax_uncond.train import main
 
     try:
-        code = train_flax.main([str(a) for a in argv])
+        code = main([str(a) for a in argv], prog="train_flax.py")
     except SystemExit as e:  # argparse's own errors
         code = e.code
     return code, capsys.readouterr().err

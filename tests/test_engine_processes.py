@@ -20,7 +20,6 @@ STEPS = ["--max_train_steps", "6", "--checkpointing_steps", "2"]
 def env(tmp_path_factory):
     environ = dict(os.environ)
     environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), environ.get("PYTHONPATH")) if p)
     environ.pop("XLA_FLAGS", None)
     return environ
 

@@ -13,6 +13,7 @@ from diffusers.optimization import get_scheduler
 from engine_parts import ArrayLoader, RecordingOutputs, assert_state_close, build_parts, host_state, tiny_config
 from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import metrics
+from jax_uncond.errors import RunError
 from jax_uncond.training.loop import NonFiniteError, train
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import train_state_shapes
@@ -72,8 +73,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     """NaN at step index 1 is skipped and counted; indices 3, 4, 5 in a row (limit 3) stop the run,
     and the checkpoints still hold the last good weights."""
     config = dataclasses.replace(runs[8][0], output_dir=str(tmp_path), max_nonfinite_steps=3)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+    with pytest.raises(NonFiniteError, match="3 consecutive steps") as stopped:
         run(config, 8, nan_at=(1, 3, 4, 5))
+    assert isinstance(stopped.value, RunError)  # train_flax.py: one line, exit code 1
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), 2, read_only=True)
     assert checkpoints.all_steps() == [2, 4, 6]
     mesh = make_mesh(jax.devices()[:8])

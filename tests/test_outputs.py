@@ -34,14 +34,16 @@ class FakePipeline:
     """Stands in for FlaxDDPMPipeline: images are a function of the rng and the params."""
 
     calls = []
+    schedulers = []
 
     def __init__(self, unet, scheduler):
         self.unet, self.scheduler = unet, scheduler
 
-    def __call__(self, params, rng, batch_size, num_inference_steps, output_type):
+    def __call__(self, params, rng, batch_size, num_inference_steps, output_type, scheduler=None):
         import jax
 
         FakePipeline.calls.append((batch_size, num_inference_steps))
+        FakePipeline.schedulers.append(scheduler)
         noise = jax.random.uniform(rng, (batch_size, 8, 8, 3))
         return type("Out", (), {"images": np.asarray(noise) * params["unet"]["w"]})
 
@@ -54,7 +56,7 @@ class FakePipeline:
 
 @pytest.fixture
 def fake_pipeline(monkeypatch):
-    FakePipeline.calls = []
+    FakePipeline.calls, FakePipeline.schedulers = [], []
     monkeypatch.setattr(out.RunOutputs, "pipeline", lambda self: FakePipeline(self.model, self.scheduler))
     return FakePipeline
 
@@ -209,6 +211,7 @@ def test_push_to_hub_uploads_without_checkpoints_or_secret(tmp_path, fake_pipeli
         [os.path.relpath(p, tmp_path / "run") for p in glob.glob(str(tmp_path / "run" / "**"), recursive=True)
          if os.path.isfile(p)] + [f"{out.CHECKPOINTS_SUBDIR}/5/params"], ignore_patterns=upload["ignore_patterns"]))
     assert "model_index.json" in uploaded and any(p.startswith("logs/") for p in uploaded)
+    assert "README.md" in uploaded and 'from_pretrained("me/run")' in open(tmp_path / "run" / "README.md").read()
     assert not any(p.startswith(out.CHECKPOINTS_SUBDIR) for p in uploaded)
     for path in glob.glob(str(tmp_path / "run" / "**"), recursive=True):
         if os.path.isfile(path):
@@ -216,23 +219,30 @@ def test_push_to_hub_uploads_without_checkpoints_or_secret(tmp_path, fake_pipeli
                 assert SECRET.encode() not in f.read(), path
 
 
-def test_failed_upload_names_the_way_out(tmp_path, fake_pipeline, monkeypatch):
-    import concurrent.futures
-
+def test_failed_upload_is_retried_then_names_the_way_out(tmp_path, fake_pipeline, monkeypatch, caplog, capsys):
+    """A Hub that keeps failing costs warnings, never the run: every attempt is retried, then the
+    command that uploads the folder by hand is named, and the summary counts the failed upload."""
     import huggingface_hub
 
+    from jax_uncond.training import uploads
+
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: type("R", (), {"repo_id": "me/run"}))
+    monkeypatch.setattr(uploads, "RETRY_DELAYS_S", (0.0, 0.0))
+    attempts = []
 
     def upload_folder(**kwargs):
-        future = concurrent.futures.Future()
-        future.set_exception(ConnectionError("network went away"))
-        return future
+        attempts.append(kwargs["commit_message"])
+        raise ConnectionError("network went away")
 
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     outputs, _ = make(tmp_path, "--push_to_hub", "--hub_token", SECRET, "--save_images_epochs", "100")
     outputs.epoch_end(0, {"w": np.float32(1.0)}, last=True)
-    with pytest.raises(RuntimeError, match="hf upload me/run"):
-        outputs.close({})
+    outputs.close({})
+    assert attempts == ["Epoch 0"] * 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3 and "retrying" in warnings[0] and "`hf upload me/run " in warnings[-1]
+    assert all(SECRET not in w for w in warnings)
+    assert "failed_uploads=1" in capsys.readouterr().out
 
 
 def test_image_grid_layout():

@@ -1,19 +1,41 @@
-"""FlaxDDPMPipeline against diffusers: folders both ways, and full DDIM chains from the same noise and weights.
+"""FlaxDDPMPipeline against diffusers: folders both ways, and full DDIM, DPM-Solver, UniPC and Euler chains from
+the same noise and weights.
 
 One tiny UNet (block_out_channels (32, 64), 8x8) serves every test; each sampler compiles once.
 """
 
 import json
+import sys
+from unittest import mock
 
 import diffusers
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
 
-from jax_uncond import FlaxDDIMScheduler, FlaxDDPMPipeline, FlaxDDPMScheduler
+from jax_uncond import (
+    FlaxDDIMScheduler,
+    FlaxDDPMPipeline,
+    FlaxDDPMScheduler,
+    FlaxDPMSolverMultistepScheduler,
+    FlaxEulerAncestralDiscreteScheduler,
+    FlaxEulerDiscreteScheduler,
+    FlaxUniPCMultistepScheduler,
+)
 from jax_uncond.pipelines.ddpm import _build_sampler
+from jax_uncond.schedulers.samplers import make_sampler
 
 UNET_CONFIG = dict(
     sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
@@ -23,13 +45,7 @@ UNET_CONFIG = dict(
 BATCH = 8  # divisible by the 8 test devices: the batch is sharded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's OpenMP threads crawl on a shared, oversubscribed CPU (1 s per tiny UNet call with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +71,22 @@ def loaded(torch_pipeline_dir):
     return FlaxDDPMPipeline.from_pretrained(torch_pipeline_dir)
 
 
-def _diffusers_ddim_chain(path, latents: np.ndarray, steps: int, prediction_type: str) -> np.ndarray:
-    """diffusers' DDIMScheduler + UNet2DModel loop (what DDIMPipeline does), returning x_0 in [-1, 1]."""
+def _diffusers_chain(path, latents: np.ndarray, steps: int, scheduler_cls=DDIMScheduler, noises=None, **config):
+    """diffusers' scheduler + UNet2DModel loop as its pipelines run it (initial sigma, scale_model_input),
+    from the folder's DDPM scheduler config; `noises[i]` is the noise of step i. Returns x_0 in [-1, 1]."""
     unet = UNet2DModel.from_pretrained(path, subfolder="unet").eval()
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", prediction_type=prediction_type)
+    scheduler = scheduler_cls.from_config(DDPMScheduler.from_pretrained(path, subfolder="scheduler").config, **config)
     scheduler.set_timesteps(steps)
-    x = torch.from_numpy(latents)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    module = sys.modules[scheduler_cls.__module__]
+    x = torch.from_numpy(latents) * scheduler.init_noise_sigma
+    with torch.no_grad(), mock.patch.object(module, "randn_tensor", lambda *a, **k: noises[scheduler.step_index],
+                                            create=True):  # fmt: skip
+        for i, t in enumerate(scheduler.timesteps):
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            kwargs = {"eta": 0.0} if scheduler_cls is DDIMScheduler else {}
+            if getattr(scheduler.config, "algorithm_type", "").startswith("sde"):
+                kwargs["variance_noise"] = noises[i]
+            x = scheduler.step(out, t, x, **kwargs).prev_sample
     return (x / 2 + 0.5).clamp(0, 1).numpy() * 2 - 1
 
 
@@ -84,9 +107,39 @@ def test_ddim_chain_matches_diffusers(torch_pipeline_dir, loaded, steps, predict
         images = pipeline(params, rng, batch_size=batch, num_inference_steps=steps, scheduler=ddim,
                           latents=latents, output_type="np").images  # fmt: skip
     assert images.shape == (batch, 8, 8, 3) and images.dtype == np.float32
-    want = _diffusers_ddim_chain(torch_pipeline_dir, latents, steps, prediction_type).transpose(0, 2, 3, 1)
+    want = _diffusers_chain(torch_pipeline_dir, latents, steps, prediction_type=prediction_type).transpose(0, 2, 3, 1)
     assert np.abs(images * 2 - 1 - want).max() <= 1e-3
     assert want.std() > 0.1  # the chain produced something, not a constant
+
+
+@pytest.mark.parametrize(
+    "flax_cls, torch_cls, config, steps",
+    [
+        (FlaxDPMSolverMultistepScheduler, DPMSolverMultistepScheduler, {}, 20),
+        (FlaxUniPCMultistepScheduler, UniPCMultistepScheduler, {}, 10),
+        (FlaxEulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, {}, 10),
+        pytest.param(FlaxDPMSolverMultistepScheduler, DPMSolverMultistepScheduler,
+                     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, 15, marks=pytest.mark.slow),
+        pytest.param(FlaxEulerDiscreteScheduler, EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, 20,
+                     marks=pytest.mark.slow),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)  # fmt: skip
+def test_solver_chains_match_diffusers(torch_pipeline_dir, loaded, flax_cls, torch_cls, config, steps):
+    """The whole chain as one compiled scan (scheduler state carried, model input scaled, noise from the
+    step keys) against diffusers' loop over the same UNet, latents and noise."""
+    pipeline, params = loaded
+    latents = np.random.default_rng(steps).standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+    scheduler = flax_cls.from_config(pipeline.scheduler.config, **config)
+    rng = jax.random.key(5)
+    with jax.transfer_guard("disallow"):
+        images = pipeline(params, rng, batch_size=BATCH, num_inference_steps=steps, scheduler=scheduler,
+                          latents=latents, output_type="np").images  # fmt: skip
+    step_keys = jax.random.split(jax.random.split(rng)[1], steps)  # the pipeline's per-step keys
+    noises = [torch.from_numpy(np.asarray(jax.random.normal(k, latents.shape, jnp.float32))) for k in step_keys]
+    want = _diffusers_chain(torch_pipeline_dir, latents, steps, torch_cls, noises, **config).transpose(0, 2, 3, 1)
+    assert np.abs(images * 2 - 1 - want).max() <= 1e-3
+    assert want.std() > 0.1
 
 
 def test_ddpm_sampling_is_cached_reproducible_and_pil(loaded):
@@ -120,9 +173,14 @@ def test_call_errors(loaded):
         pipeline(params, rng, batch_size=2, num_inference_steps=2, latents=np.zeros((1, 3, 8, 8), np.float32))
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipeline(params, rng, num_inference_steps=1001)
+    with pytest.raises(ValueError, match="scheduler must be one of .*FlaxUniPCMultistepScheduler.*; got DDIMScheduler"):
+        pipeline(params, rng, num_inference_steps=2, scheduler=DDIMScheduler())  # diffusers' own, not ours
+    with pytest.raises(ValueError, match="eta=0.5 applies to DDIM only"):
+        pipeline(params, rng, num_inference_steps=2, scheduler=FlaxUniPCMultistepScheduler(), eta=0.5)
 
 
-@pytest.mark.parametrize("scheduler_cls", [FlaxDDPMScheduler, FlaxDDIMScheduler])
+@pytest.mark.parametrize("scheduler_cls", [FlaxDDPMScheduler, FlaxDDIMScheduler, FlaxUniPCMultistepScheduler,
+                                           FlaxEulerAncestralDiscreteScheduler])
 def test_saved_folder_loads_in_diffusers(tmp_path, loaded, scheduler_cls, caplog):
     pipeline, params = loaded
     scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
@@ -161,3 +219,63 @@ def test_images_do_not_depend_on_the_device_count(loaded):
     state = pipeline.scheduler.set_timesteps(pipeline.scheduler.create_state(), 3)
     single = np.asarray(sampler(*jax.device_put((params["unet"], state, rng), jax.devices()[0])))
     np.testing.assert_allclose(single, sharded, atol=1e-6)
+
+
+def _trained_tiny_unet(steps: int = 150) -> tuple[FlaxDDPMPipeline, dict]:
+    """A UNet (16, 32) trained `steps` Adam steps on 8x8 images (a flat colour, a centred square of another):
+    enough of a denoiser that its probability-flow ODE is smooth, as a trained model's is."""
+    import optax
+
+    from jax_uncond import FlaxUNet2DModel
+
+    palette = np.random.default_rng(0).uniform(-1, 1, (6, 3)).astype(np.float32)
+    pairs = np.random.default_rng(1).integers(0, 6, (256, 2))
+    images = np.repeat(np.repeat(palette[pairs[:, 0]][:, :, None, None], 8, 2), 8, 3)
+    images[:, :, 2:6, 2:6] = palette[pairs[:, 1]][:, :, None, None]
+    unet = FlaxUNet2DModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    scheduler = FlaxDDPMScheduler()
+    common = scheduler.create_state()
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def train(params, key):
+        def step(carry, key):
+            params, opt_state = carry
+            keys = jax.random.split(key, 3)
+            x0 = jnp.asarray(images)[jax.random.randint(keys[0], (16,), 0, len(images))]
+            t = jax.random.randint(keys[1], (16,), 0, len(scheduler))
+            noise = jax.random.normal(keys[2], x0.shape)
+            loss = lambda p: jnp.mean((unet.apply({"params": p}, scheduler.add_noise(common, x0, noise, t), t).sample
+                                       - noise) ** 2)  # noqa: E731
+            grads = jax.grad(loss)(params)
+            updates, opt_state = optimizer.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, steps))
+        return params
+
+    params = train(unet.init_weights(jax.random.key(0)), jax.random.key(1))
+    return FlaxDDPMPipeline(unet, scheduler), {"unet": params}
+
+
+@pytest.mark.slow
+def test_fast_solvers_are_closer_to_the_ode_than_ddim():
+    """20 steps of DPM-Solver++ and of UniPC land closer to a 1000-step DDIM chain (the probability-flow
+    ODE, eta 0) than 20 DDIM steps do. DDIM without clip_sample: clipping x_0 changes the dynamics,
+    and the fast solvers have no such clipping (thresholding is their counterpart, off by default)."""
+    pipeline, params = _trained_tiny_unet()
+    config = {**pipeline.scheduler.config, "clip_sample": False}
+    batch = 6  # not a multiple of the 8 test devices: one device, faster for 1000 tiny steps
+    latents = np.random.default_rng(2).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+
+    def chain(name, steps):  # the samplers as the command lines build them
+        return pipeline(params, jax.random.key(0), batch_size=batch, num_inference_steps=steps,
+                        scheduler=make_sampler(name, config), latents=latents, output_type="np").images  # fmt: skip
+
+    reference = chain("ddim", 1000)
+    errors = {name: float(np.sqrt(np.mean((chain(name, 20) - reference) ** 2))) for name in ("ddim", "dpmsolver++",
+                                                                                                "unipc")}  # fmt: skip
+    print("RMSE to 1000-step DDIM, 20 steps:", errors)
+    assert errors["dpmsolver++"] < errors["ddim"] and errors["unipc"] < errors["ddim"], errors
+    assert reference.std() > 0.1

@@ -8,7 +8,6 @@ sampler. The reference is always the real diffusers code, never copied numbers.
 import json
 import logging
 
-import diffusers
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
 import jax
 import jax.numpy as jnp
@@ -35,15 +34,6 @@ def _np(x) -> np.ndarray:
 
 def _randn(seed: int, shape=SHAPE, scale: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-
-
-@pytest.fixture
-def diffusers_warnings(caplog):
-    """Capture diffusers' log records (its loggers do not propagate by default)."""
-    diffusers.utils.logging.enable_propagation()
-    caplog.set_level(logging.WARNING)
-    yield caplog
-    diffusers.utils.logging.disable_propagation()
 
 
 # --- noise schedule, add_noise, get_velocity -------------------------------------------------------

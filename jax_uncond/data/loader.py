@@ -76,7 +76,7 @@ class LoadExample(grain.transforms.Map):
             candidate = (index + step) % size
             rng = np.random.default_rng([self._seed, epoch, index])
             try:
-                image = transform_image(decode_image(self._source[candidate]), self._spec, rng)
+                image = transform_image(decode_image(self._source[candidate], self._spec.resolution), self._spec, rng)
             except BAD_IMAGE_ERRORS:
                 continue
             return {"images": image, "bad": np.int64(index if step else -1)}
@@ -154,7 +154,7 @@ class TrainLoader:
         stream = (grain.MapDataset.range(0, sys.maxsize)
                   .map(ExampleAt(self.num_examples, per_epoch, self.seed))
                   .map(LoadExample(self.source, self.spec, self.seed))
-                  .batch(self.local_batch_size))
+                  .batch(self.local_batch_size, drop_remainder=True))  # integer length: batches of 1 too
         return stream[self.shard_options.shard_index :: self.shard_options.shard_count]
 
     def iter_host(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -194,8 +194,8 @@ class TrainLoader:
         for index in bad[bad >= 0].tolist():
             if index not in self._bad_examples:
                 self._bad_examples.add(index)
-                logger.warning("skipping %s: not a readable image (replaced by the next readable one)",
-                               self.source.describe(index))
+                logger.warning("skipping %s: not a usable image (undecodable or too large; replaced by the next "
+                               "usable one)", self.source.describe(index))
 
     @property
     def skipped_files(self) -> int:

@@ -6,7 +6,8 @@ sources, so the loader can shuffle globally, shard per process and resume at any
 
 - `--dataset_name NAME`: a `datasets` dataset, a local `save_to_disk` folder or a Hub id (split "train").
 - `--train_data_dir DIR`: `datasets`' imagefolder over DIR (nested folders included); files whose
-  header PIL cannot read are dropped at start-up with one warning each.
+  header PIL cannot read, or that declare more pixels than the resolution needs (`pixel_limit`),
+  are dropped at start-up with one warning each.
 - `--dataset_name tfds:NAME[/CONFIG][:SPLIT]`: TensorFlow Datasets through `tfds.data_source`.
 - neither: the built-in shapes dataset (`builtin.py`).
 """
@@ -14,6 +15,7 @@ sources, so the loader can shuffle globally, shard per process and resume at any
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 from typing import Any, Protocol, Sequence
@@ -23,7 +25,7 @@ from PIL import Image
 
 from jax_uncond.data.builtin import BuiltinShapes
 from jax_uncond.errors import UsageError
-from jax_uncond.data.transforms import BAD_IMAGE_ERRORS
+from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, check_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -111,30 +113,32 @@ def _image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext in ImageFolder.EXTENSIONS)
 
 
-def _header_error(path: str) -> str | None:
-    """Why PIL cannot open `path` (reads the header only), or None when it can."""
+def _header_error(path: str, resolution: int) -> str | None:
+    """Why `path` cannot be used (reads the header only: not an image, or too large), or None."""
     try:
-        with Image.open(path):
+        with Image.open(path) as image:
+            check_image_size(image, resolution)
             return None
     except BAD_IMAGE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
 
 
-def _readable_rows(paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+def _readable_rows(paths: Sequence[str], resolution: int) -> tuple[np.ndarray, list[str]]:
     """Indices of the files whose header PIL reads, and the others' paths (each warned about once)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        errors = list(pool.map(_header_error, paths))
+        errors = list(pool.map(functools.partial(_header_error, resolution=resolution), paths))
     bad = []
     for path, error in zip(paths, errors):
         if error is not None:
-            logger.warning("skipping %s: not a readable image (%s)", path, error)
+            logger.warning("skipping %s: not a usable image (%s)", path, error)
             bad.append(path)
     return np.asarray([i for i, error in enumerate(errors) if error is None], dtype=np.int64), bad
 
 
-def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | None
+def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | None, resolution: int
                       ) -> tuple[DatasetsSource, list[str]]:
-    """`datasets`' imagefolder over `data_dir`, minus unreadable files; also returns the skipped paths."""
+    """`datasets`' imagefolder over `data_dir`, minus unreadable or too large files; also returns the skipped
+    paths."""
     import datasets
 
     if not os.path.isdir(data_dir):
@@ -149,7 +153,7 @@ def load_image_folder(data_dir: str, cache_dir: str | None, image_column: str | 
     column = choose_image_column(dataset.features, image_column, f"--train_data_dir {data_dir}")
     source = DatasetsSource(dataset, column, data_dir)
     paths = [record["path"] for record in source._dataset[column]]
-    rows, bad = _readable_rows(paths)
+    rows, bad = _readable_rows(paths, resolution)
     if len(rows) == 0:
         raise UsageError(f"--train_data_dir {data_dir}: none of its {len(paths)} image files can be read")
     return DatasetsSource(dataset, column, data_dir, rows), bad
@@ -218,5 +222,5 @@ def load_source(config: Any) -> tuple[ImageSource, list[str]]:
         return load_hf_dataset(config.dataset_name, config.dataset_config_name, config.cache_dir,
                                config.image_column), []
     if config.train_data_dir is not None:
-        return load_image_folder(config.train_data_dir, config.cache_dir, config.image_column)
+        return load_image_folder(config.train_data_dir, config.cache_dir, config.image_column, config.resolution)
     return BuiltinShapes(config.resolution), []

@@ -5,6 +5,7 @@ The 8-bit path is torchvision's `Resize(resolution, BILINEAR)`, `CenterCrop`/`Ra
 resizes PIL images with PIL, so PIL is used here too). `--preserve_input_precision` follows the
 script's tensor path: keep the source's bit depth, map 1/2/>3 channels to 3, scale to [0, 1], then
 resize with antialiased bilinear filtering in float32. Randomness comes from the generator passed in.
+EXIF orientation is applied as `datasets`' Image feature does (the PyTorch script decodes through it).
 """
 
 from __future__ import annotations
@@ -15,10 +16,37 @@ import struct
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-"""What PIL raises for a corrupt, truncated or non-image file (UnidentifiedImageError is an OSError)."""
+"""What PIL raises for a corrupt, truncated or non-image file (UnidentifiedImageError is an OSError);
+ImageTooLargeError is a ValueError."""
+MIN_PIXEL_LIMIT = 8000 * 8000
+"""64 megapixels: more than a camera photo (bar medium format), far more than a resolution up to 2000 needs."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image declares more pixels than training at the resolution needs: refused before decoding."""
+
+
+def pixel_limit(resolution: int) -> int:
+    """The most pixels an image may declare, and be resized to, at `resolution` before it is refused as
+    a decompression bomb: 64 megapixels, or 16 x resolution^2 when that is more; never above PIL's own
+    MAX_IMAGE_PIXELS, so PIL's DecompressionBombWarning never fires on an image that is decoded."""
+    return min(max(MIN_PIXEL_LIMIT, 16 * resolution * resolution), Image.MAX_IMAGE_PIXELS or MIN_PIXEL_LIMIT)
+
+
+def check_image_size(image: Image.Image, resolution: int) -> None:
+    """Raises ImageTooLargeError (reading the header only) when decoding `image`, or resizing it to
+    `resolution` (a 1 x 100000 strip becomes 8 x 800000 at 8), would exceed `pixel_limit`."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageTooLargeError(f"the image declares a size of {width} x {height}")
+    limit = pixel_limit(resolution)
+    new_width, new_height = _resized_size(width, height, resolution)
+    if max(width * height, new_width * new_height) > limit:
+        raise ImageTooLargeError(f"the image declares {width} x {height} pixels (resized: {new_width} x "
+                                 f"{new_height}), more than the limit of {limit} at resolution {resolution}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +59,12 @@ class TransformSpec:
     preserve_input_precision: bool = False
 
 
-def decode_image(record: Any) -> Image.Image:
-    """A PIL image from what a source holds: a PIL image, a path, bytes, a `datasets` Image dict, or an array."""
+def decode_image(record: Any, resolution: int | None = None) -> Image.Image:
+    """A PIL image from what a source holds: a PIL image, a path, bytes, a `datasets` Image dict, or an array.
+
+    An encoded image is decoded now, so a truncated file fails here and not later; with `resolution`,
+    one too large for it (`check_image_size`) is refused from its header, before decoding.
+    """
     if isinstance(record, Image.Image):
         return record
     if isinstance(record, dict):  # datasets' Image(decode=False): {"bytes": ..., "path": ...}
@@ -42,8 +74,12 @@ def decode_image(record: Any) -> Image.Image:
     elif isinstance(record, str):
         image = Image.open(record)
     else:
-        image = Image.fromarray(_storable(np.asarray(record)))
-    image.load()  # decode now, so a truncated file fails here and not later
+        return Image.fromarray(_storable(np.asarray(record)))
+    if resolution is not None:
+        check_image_size(image, resolution)
+    image.load()
+    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
     return image
 
 

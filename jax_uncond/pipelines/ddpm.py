@@ -1,9 +1,11 @@
 """FlaxDDPMPipeline: diffusers' DDPMPipeline in JAX, the whole denoising loop one compiled program.
 
 Reads and writes diffusers `DDPMPipeline` folders (model_index.json, unet/, scheduler/). Sampling runs
-`lax.scan` over the scheduler's timesteps inside one `jax.jit`, the batch split over the local devices.
-The compiled sampler is cached per (UNet config, scheduler, shape, steps, eta) across pipeline objects,
-so sampling every few epochs during training compiles once.
+`lax.scan` over the scheduler's timesteps inside one `jax.jit`, the batch split over the local devices;
+any of the package's schedulers samples (DDPM, DDIM, DPM-Solver, UniPC, Euler, Euler-ancestral), its
+state (multistep history, step counter) carried through the scan. The compiled sampler is cached per
+(UNet config, scheduler, shape, steps, eta) across pipeline objects, so sampling every few epochs during
+training compiles once.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from PIL import Image
 
 from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models.unet_2d import FlaxUNet2DModel
-from jax_uncond.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
+from jax_uncond.schedulers import FlaxDDIMScheduler
+from jax_uncond.schedulers.base import FlaxSchedulerBase, scheduler_classes
 from jax_uncond.training.sharding import batch_sharding, make_mesh, replicated
 
 MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
-SCHEDULER_CLASSES = {"DDPMScheduler": FlaxDDPMScheduler, "DDIMScheduler": FlaxDDIMScheduler}
+SCHEDULER_CLASSES = {cls.diffusers_class: cls for cls in scheduler_classes()}
+"""diffusers scheduler class name -> ours: every scheduler of jax_uncond.schedulers."""
 OUTPUT_TYPES = ("pil", "np")
 
-Scheduler = FlaxDDPMScheduler | FlaxDDIMScheduler
+Scheduler = FlaxSchedulerBase
 
 
 @dataclasses.dataclass
@@ -62,7 +66,7 @@ def _on_local_devices(tree: Any, sharding: NamedSharding) -> Any:
 
 
 class FlaxDDPMPipeline:
-    """Unconditional image generation: a FlaxUNet2DModel and a DDPM (or DDIM) scheduler."""
+    """Unconditional image generation: a FlaxUNet2DModel and a scheduler (DDPM when trained here)."""
 
     def __init__(self, unet: FlaxUNet2DModel, scheduler: Scheduler):
         self.unet = unet
@@ -122,13 +126,15 @@ class FlaxDDPMPipeline:
     ) -> FlaxImagePipelineOutput | tuple:
         """Generate `batch_size` images with `num_inference_steps` denoising steps.
 
-        `scheduler` replaces the pipeline's for this call, e.g. `FlaxDDIMScheduler.from_config(
-        pipeline.scheduler.config)` with ~50 steps; `eta` (DDIM only) 0 is deterministic, 1 DDPM-like.
-        `latents` (NCHW) replaces the initial noise drawn from `rng`.
+        `scheduler` replaces the pipeline's for this call, e.g. `FlaxDPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config)` with ~20 steps (docs/sampling.md); `eta` (DDIM only) 0 is deterministic,
+        1 DDPM-like. `latents` (NCHW, unit variance) replaces the initial noise drawn from `rng`; both are
+        scaled by the scheduler's `init_noise_sigma` (Euler: sigma_max), as diffusers' pipelines do.
         """
         scheduler = self.scheduler if scheduler is None else scheduler
-        if not isinstance(scheduler, (FlaxDDPMScheduler, FlaxDDIMScheduler)):
-            raise ValueError(f"scheduler must be a FlaxDDPMScheduler or FlaxDDIMScheduler; got {type(scheduler)}")
+        if not isinstance(scheduler, tuple(SCHEDULER_CLASSES.values())):
+            raise ValueError(f"scheduler must be one of {', '.join(c.__name__ for c in SCHEDULER_CLASSES.values())}; "
+                             f"got {type(scheduler).__name__}")  # fmt: skip
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if output_type not in OUTPUT_TYPES:
@@ -141,7 +147,7 @@ class FlaxDDPMPipeline:
 
         devices = tuple(jax.local_devices())
         devices = devices if batch_size % len(devices) == 0 else devices[:1]
-        state = _scheduler_state(scheduler, num_inference_steps)
+        state = _scheduler_state(scheduler, num_inference_steps, shape)
         sampler, mesh = _build_sampler(self.unet, scheduler, shape, float(eta), latents is not None, devices)
         inputs = _on_local_devices((params["unet"], state, rng), replicated(mesh))
         if latents is not None:
@@ -152,6 +158,16 @@ class FlaxDDPMPipeline:
             images = numpy_to_pil(images)
         return FlaxImagePipelineOutput(images=images) if return_dict else (images,)
 
+    def sample_on_mesh(self, params: dict, rng: jax.Array, batch_size: int, num_inference_steps: int,
+                       scheduler: Scheduler, mesh: Mesh) -> jax.Array:
+        """`batch_size` images over every device of `mesh` (of every process): a global NHWC jax.Array in [0, 1]
+        split over the batch and never gathered (FID sampling). `params` live on `mesh` (replicated); the jitted
+        sampler places the host-side scheduler state and `rng` itself (also across processes)."""
+        shape = self._latent_shape(batch_size)
+        state = _scheduler_state(scheduler, num_inference_steps, shape)
+        sampler, _ = _build_sampler(self.unet, scheduler, shape, 0.0, False, tuple(mesh.devices.flat))
+        return sampler(params["unet"], state, rng)
+
     def _latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.unet.sample_size
         if size is None:
@@ -161,9 +177,23 @@ class FlaxDDPMPipeline:
 
 
 @functools.lru_cache(maxsize=16)
-def _scheduler_state(scheduler: Scheduler, num_inference_steps: int) -> Any:
-    """The scheduler state with its inference timesteps set (host-built once per scheduler and count)."""
-    return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps)
+def _scheduler_state(scheduler: Scheduler, num_inference_steps: int, shape: tuple) -> Any:
+    """The scheduler state with its inference timesteps set, for samples of `shape` (a multistep solver's
+    history); host-built once per scheduler, count and shape."""
+    return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape)
+
+
+def _split_like_latents(state: Any, shape: tuple, mesh: Mesh) -> Any:
+    """The scheduler state with its latent-shaped leaves (a multistep history: (order, *shape)) split over
+    the batch as the latents are, so the scan carries them without gathering."""
+
+    def constrain(leaf: jax.Array) -> jax.Array:
+        lead = leaf.ndim - len(shape)
+        if lead >= 0 and leaf.shape[lead:] == shape:
+            return jax.lax.with_sharding_constraint(leaf, batch_sharding(mesh, axis=lead))
+        return leaf
+
+    return jax.tree.map(constrain, state)
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,15 +214,19 @@ def _build_sampler(
         noise_key, step_key = jax.random.split(rng)
         if latents is None:
             latents = jax.random.normal(noise_key, shape, jnp.float32)
-        latents = jax.lax.with_sharding_constraint(latents, batch)
+        latents = jax.lax.with_sharding_constraint(latents * state.init_noise_sigma, batch)
 
-        def denoise(x, t_and_key):
+        def denoise(carry, t_and_key):
+            x, state = carry
             t, key = t_and_key
-            model_output = unet.apply({"params": unet_params}, x, t).sample
-            return scheduler.step(state, model_output, t, x, key=key, **step_kwargs).prev_sample, None
+            model_input = scheduler.scale_model_input(state, x, t)
+            model_output = unet.apply({"params": unet_params}, model_input, t).sample
+            out = scheduler.step(state, model_output, t, x, key=key, **step_kwargs)
+            return (out.prev_sample, out.state), None
 
         keys = jax.random.split(step_key, state.timesteps.shape[0])
-        x, _ = jax.lax.scan(denoise, latents, (state.timesteps, keys))
+        carry = (latents, _split_like_latents(state, shape, mesh))
+        (x, _), _ = jax.lax.scan(denoise, carry, (state.timesteps, keys))
         return jnp.transpose(jnp.clip(x / 2 + 0.5, 0, 1), (0, 2, 3, 1))
 
     shardings = (replicated(mesh),) * 3 + ((batch,) if given_latents else ())

@@ -19,7 +19,9 @@ import numpy as np
 from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.schedulers.common import (
     BETA_SCHEDULES,
+    FINAL_SIGMAS_TYPES,
     PREDICTION_TYPES,
+    SIGMA_SPACINGS,
     TIMESTEP_SPACINGS,
     add_noise_common,
     get_velocity_common,
@@ -53,17 +55,67 @@ def check_number(name: str, value: Any, low: float, high: float, low_open: bool 
         raise ValueError(f"{name} must be a number in {bracket}{low}, {high}]; got {value!r}")
 
 
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {allowed}; got {value!r}")
+
+
+def check_optional_sigma(name: str, value: Any) -> None:
+    if value is not None:
+        check_number(name, value, 0.0, math.inf, low_open=True)
+
+
+FLOW_MATCHING_DEFAULTS = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+                          "time_shift_type": "exponential", "shift_terminal": None}
+"""diffusers' flow-matching keys and the only values accepted here (this project's models are DDPM-trained)."""
+
+
+def check_sigma_options(c: Mapping[str, Any]) -> None:
+    """The sigma-spacing flags (at most one set; beta sigmas need scipy), final_sigmas_type, and no
+    flow-matching option."""
+    for name in SIGMA_SPACINGS:
+        check_bool(name, c[name])
+    chosen = [name for name in SIGMA_SPACINGS if c[name]]
+    if len(chosen) > 1:
+        raise ValueError(f"set at most one of {', '.join(SIGMA_SPACINGS)}; got {', '.join(chosen)}")
+    if c["use_beta_sigmas"]:
+        try:
+            import scipy.stats  # noqa: F401
+        except ImportError as e:
+            raise ValueError("use_beta_sigmas needs scipy: pip install scipy") from e
+    check_choice("final_sigmas_type", c["final_sigmas_type"], FINAL_SIGMAS_TYPES)
+    for name, allowed in FLOW_MATCHING_DEFAULTS.items():
+        if name in c and c[name] != allowed:
+            raise ValueError(
+                f"{name} must be {allowed!r}: flow-matching options are not supported (DDPM-trained models "
+                f"only); got {c[name]!r}"
+            )
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def scheduler_classes() -> list[type[FlaxSchedulerBase]]:
+    """Every scheduler class (each ports one diffusers class, named by its `diffusers_class`)."""
+    return [cls for cls in _subclasses(FlaxSchedulerBase) if "diffusers_class" in vars(cls)]
+
+
 class FlaxSchedulerBase:
     """A diffusers scheduler config in a hashable object; subclasses define `__init__` with diffusers' keys."""
 
     diffusers_class: ClassVar[str]
     beta_schedules: ClassVar[tuple[str, ...]] = BETA_SCHEDULES
+    prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES
 
     def _register(self, config: dict[str, Any]) -> None:
         """Validate and freeze the `__init__` arguments as this scheduler's config."""
         config = {k: v for k, v in config.items() if k not in ("self", "__class__")}
         if config["trained_betas"] is not None:
             config["trained_betas"] = tuple(float(b) for b in config["trained_betas"])
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}  # hashable
         self._validate(config)
         self._config = config
         self._key = (type(self).__name__, tuple(sorted(config.items())))
@@ -81,13 +133,17 @@ class FlaxSchedulerBase:
                 raise ValueError(
                     f"trained_betas must hold num_train_timesteps={steps} values in [0, 1]; got {len(betas)} values"
                 )
-        check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
+        check_choice("prediction_type", c["prediction_type"], self.prediction_types)
         check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
         for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            check_bool(name, c[name])
-        check_number("clip_sample_range", c["clip_sample_range"], 0.0, math.inf, low_open=True)
-        check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
-        check_number("sample_max_value", c["sample_max_value"], 0.0, math.inf, low_open=True)
+            if name in c:  # every key below only where the class takes it
+                check_bool(name, c[name])
+        if "clip_sample_range" in c:
+            check_number("clip_sample_range", c["clip_sample_range"], 0.0, math.inf, low_open=True)
+        if "dynamic_thresholding_ratio" in c:
+            check_number("dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"], 0.0, 1.0)
+        if "sample_max_value" in c:
+            check_number("sample_max_value", c["sample_max_value"], 0.0, math.inf, low_open=True)
         offset = c["steps_offset"]
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"steps_offset must be a non-negative int; got {offset!r}")
@@ -95,10 +151,7 @@ class FlaxSchedulerBase:
     @property
     def config(self) -> dict[str, Any]:
         """The diffusers config keys and values (a fresh dict; JSON-ready)."""
-        config = dict(self._config)
-        if config["trained_betas"] is not None:
-            config["trained_betas"] = list(config["trained_betas"])
-        return config
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config.items()}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlaxSchedulerBase) and self._key == other._key
@@ -113,14 +166,14 @@ class FlaxSchedulerBase:
     def from_config(cls, config: Mapping[str, Any], **overrides: Any):
         """Build from a diffusers config dict (e.g. `scheduler.config` or a parsed scheduler_config.json).
 
-        Private `_...` keys and the keys only DDPM or only DDIM takes are dropped, as diffusers does for
+        Private `_...` keys and the keys only another scheduler class takes are dropped, as diffusers does for
         compatible schedulers; any other unknown key is reported in a warning and ignored.
         """
         used_defaults = set(config.get("_use_default_values", ()))
         config = {k: v for k, v in config.items() if not k.startswith("_") and k not in used_defaults}
         config.update(overrides)
         expected = init_keys(cls)
-        compatible = set().union(*(init_keys(c) for c in FlaxSchedulerBase.__subclasses__()))
+        compatible = set().union(*(init_keys(c) for c in scheduler_classes()))
         unknown = {k: v for k, v in config.items() if k not in expected and k not in compatible}
         if unknown:
             logger.warning(
@@ -162,10 +215,15 @@ class FlaxSchedulerBase:
             c["rescale_betas_zero_snr"],
         )  # fmt: skip
 
-    def _state_arrays(self, timesteps: np.ndarray, **scalars: float) -> dict[str, jax.Array]:
-        """Int32 `timesteps` and float32 scalars, transferred explicitly (fine under a transfer guard)."""
-        arrays = {"timesteps": timesteps.astype(np.int32), **{k: np.float32(v) for k, v in scalars.items()}}
-        return jax.device_put(arrays)
+    def _state_arrays(self, timesteps: np.ndarray, **arrays: Any) -> dict[str, jax.Array]:
+        """`timesteps` and the other state arrays as int32 (integers: timesteps, step counters) or float32,
+        transferred explicitly (fine under a transfer guard)."""
+
+        def cast(value: Any) -> np.ndarray:
+            value = np.asarray(value)
+            return value.astype(np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32)
+
+        return jax.device_put({"timesteps": cast(timesteps), **{k: cast(v) for k, v in arrays.items()}})
 
     def scale_model_input(self, state: Any, sample: jax.Array, timestep: int | None = None) -> jax.Array:
         """DDPM and DDIM do not scale the model input (kept for interchangeability with other schedulers)."""

@@ -16,8 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+CORE_BETA_SCHEDULES = BETA_SCHEDULES[:3]
+"""What diffusers' schedulers other than DDPM implement (they raise NotImplementedError for the others)."""
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def betas_for_alpha_bar(
@@ -59,7 +63,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
-def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     """float32 linspace bit-identical to PyTorch's CPU kernel: a float32 step, the first half fused
     multiply-added from `start`, the second half from `end` (float64 holds the exact products)."""
     if steps == 1:
@@ -88,15 +92,15 @@ def make_betas(
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float32)
     elif beta_schedule == "linear":
-        betas = _torch_linspace(beta_start, beta_end, num_train_timesteps)
+        betas = torch_linspace(beta_start, beta_end, num_train_timesteps)
     elif beta_schedule == "scaled_linear":
-        betas = _torch_linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+        betas = torch_linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
     elif beta_schedule == "squaredcos_cap_v2":
         betas = betas_for_alpha_bar(num_train_timesteps)
     elif beta_schedule == "laplace":
         betas = betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
     elif beta_schedule == "sigmoid":
-        sig = 1.0 / (1.0 + np.exp(-_torch_linspace(-6, 6, num_train_timesteps).astype(np.float64)))
+        sig = 1.0 / (1.0 + np.exp(-torch_linspace(-6, 6, num_train_timesteps).astype(np.float64)))
         betas = sig.astype(np.float32) * np.float32(beta_end - beta_start) + np.float32(beta_start)
     else:
         raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
@@ -187,6 +191,26 @@ def predict_original_and_epsilon(
     return pred_original_sample, pred_epsilon
 
 
+def split_variance(
+    variance_type: str | None, model_output: jax.Array, sample: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """(prediction, predicted variance or None), checking the channel count against `variance_type`."""
+    channels = sample.shape[1]
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(
+                f"variance_type={variance_type!r} needs a model output with 2 x {channels} "
+                f"channels (prediction, variance); got shape {model_output.shape}"
+            )
+        return model_output[:, :channels], model_output[:, channels:]
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"model output shape {model_output.shape} != sample shape {sample.shape} (a model with learned "
+            f"variance needs variance_type 'learned' or 'learned_range')"
+        )
+    return model_output, None
+
+
 def alpha_prod_at(alphas_cumprod: jax.Array, timestep: jax.Array, fallback: jax.Array | float) -> jax.Array:
     """alphas_cumprod[timestep], or `fallback` where timestep < 0 (before the first training step)."""
     return jnp.where(timestep >= 0, alphas_cumprod[jnp.maximum(timestep, 0)], jnp.asarray(fallback, jnp.float32))
@@ -196,13 +220,7 @@ def inference_timesteps(
     num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int
 ) -> np.ndarray:
     """The descending int timesteps diffusers' `set_timesteps` picks (Table 2 of arXiv:2305.08891)."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-    if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} (the model "
-            f"was trained on that many timesteps), got {num_inference_steps}"
-        )
+    check_inference_steps(num_train_timesteps, num_inference_steps)
     if timestep_spacing == "linspace":
         timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
     elif timestep_spacing == "leading":
@@ -212,9 +230,277 @@ def inference_timesteps(
     else:  # trailing (validated at construction)
         step_ratio = num_train_timesteps / num_inference_steps
         timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
-    if timesteps.max() >= num_train_timesteps:
+    check_first_timestep(timesteps, num_train_timesteps, steps_offset)
+    return timesteps
+
+
+# --- sigma schedules: DPM-Solver, UniPC, Euler ----------------------------------------------------
+# These samplers run in sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise-to-signal ratio. Their
+# inference schedules are built host-side in NumPy, mirroring diffusers' arithmetic (float32 training
+# sigmas, float64 spacings, float32 result) so that timesteps are identical and sigmas agree to rounding.
+
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+"""Config flags that respace the inference sigmas; at most one may be set."""
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+"""With rescale_betas_zero_snr, diffusers' sigma schedulers replace alpha_bar_T = 0 (sigma = inf) by this."""
+
+
+def sigma_alphas_cumprod(common: CommonSchedulerState, rescale_betas_zero_snr: bool) -> np.ndarray:
+    """alpha_bar (float32, host) as diffusers' sigma schedulers use it: alpha_bar_T = 2**-24 under zero SNR."""
+    alphas_cumprod = np.array(common.alphas_cumprod, dtype=np.float32)
+    if rescale_betas_zero_snr:
+        alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+    return alphas_cumprod
+
+
+def training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sqrt((1 - alpha_bar) / alpha_bar) for every training timestep (ascending), in float32 as diffusers."""
+    one = np.float32(1.0)
+    return np.sqrt((one - alphas_cumprod) / alphas_cumprod).astype(np.float32)
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timesteps of `sigmas`: log-sigma interpolation in the training schedule.
+    One sigma at a time, as diffusers calls it: NumPy's vectorised log can differ from its scalar log in
+    the last bit, which moves the timesteps by a float32 ulp."""
+    return np.array([_sigma_to_t(sigma, log_sigmas) for sigma in np.asarray(sigmas, dtype=np.float64)])
+
+
+def _sigma_to_t(sigma: np.float64, log_sigmas: np.ndarray) -> np.ndarray:
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (arXiv:2206.00364): sigma_max -> sigma_min evenly spaced in sigma**(1/rho)."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """sigma_max -> sigma_min evenly spaced in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """"Beta Sampling is All You Need" (arXiv:2407.12173): sigmas at Beta(0.6, 0.6) quantiles (needs scipy)."""
+    import scipy.stats  # checked at construction: see check_sigma_spacing
+
+    ppf = [scipy.stats.beta.ppf(q, alpha, beta) for q in 1 - np.linspace(0, 1, num_inference_steps)]
+    return np.array([sigma_min + p * (sigma_max - sigma_min) for p in ppf])
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, num_inference_steps: int) -> np.ndarray:
+    """Lu et al.'s DPM-Solver schedule (arXiv:2206.00927): evenly spaced in log sigma (rho = 1 in diffusers)."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    return lambda_max + ramp * (lambda_min - lambda_max)
+
+
+def respace_sigmas(
+    config: dict, sigmas: np.ndarray, num_inference_steps: int, sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> np.ndarray | None:
+    """The Karras / exponential / beta spacing the config selects between the ends of the descending
+    `sigmas` (or the config's sigma_min/sigma_max), or None when none is selected."""
+    sigma_min = float(sigmas[-1]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    if config.get("use_karras_sigmas"):
+        return karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    if config.get("use_exponential_sigmas"):
+        return exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
+    if config.get("use_beta_sigmas"):
+        return beta_sigmas(sigma_min, sigma_max, num_inference_steps)
+    return None
+
+
+def solver_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int,
+    last_timestep: int | None = None,
+) -> np.ndarray:
+    """The int64 timesteps of diffusers' multistep solvers (DPM-Solver, UniPC): num_inference_steps + 1
+    points from `last_timestep` (default num_train_timesteps; lower when lambda_min_clipped cuts the end)
+    down to 0, the 0 dropped."""
+    check_inference_steps(num_train_timesteps, num_inference_steps)
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    if timestep_spacing == "linspace":
+        timesteps = np.linspace(0, last - 1, num_inference_steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif timestep_spacing == "leading":
+        step_ratio = last // (num_inference_steps + 1)
+        timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1].astype(np.int64)
+        timesteps += steps_offset
+    else:  # trailing (validated at construction); the step is num_train_timesteps-based, as in diffusers
+        step_ratio = num_train_timesteps / num_inference_steps
+        timesteps = np.arange(last, 0, -step_ratio).round().astype(np.int64) - 1
+    check_first_timestep(timesteps, num_train_timesteps, steps_offset)
+    return timesteps
+
+
+def check_inference_steps(num_train_timesteps: int, num_inference_steps: int) -> None:
+    """num_inference_steps must be an int in [1, num_train_timesteps]."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps} (the model "
+            f"was trained on that many timesteps), got {num_inference_steps}"
+        )
+
+
+def check_first_timestep(timesteps: np.ndarray, num_train_timesteps: int, steps_offset: int) -> None:
+    """A steps_offset must not push the first timestep past the last training timestep."""
+    if timesteps.max() > num_train_timesteps - 1:
         raise ValueError(
             f"steps_offset={steps_offset} pushes the first timestep to {timesteps.max()}, past the last training "
             f"timestep {num_train_timesteps - 1}: lower steps_offset or num_inference_steps"
         )
-    return timesteps
+
+
+def sigma_to_alpha_sigma_t(sigma):
+    """(alpha_t, sigma_t) of the VP process at noise-to-signal ratio `sigma` (NumPy or jnp)."""
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_t, sigma * alpha_t
+
+
+def solver_lambdas(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 (alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t)) of the inference sigmas, the
+    multistep solvers' time variable; a final sigma of 0 has lambda = +inf."""
+    alpha, sigma = sigma_to_alpha_sigma_t(sigmas.astype(np.float64))
+    with np.errstate(divide="ignore"):
+        return alpha, sigma, np.log(alpha) - np.log(sigma)
+
+
+def data_prediction(
+    config: dict, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array, sigma_t: jax.Array
+) -> jax.Array:
+    """x_0 from the model output at (alpha_t, sigma_t), thresholded when the config says so (diffusers'
+    `convert_model_output` of the data-prediction solvers)."""
+    prediction_type = config["prediction_type"]
+    if prediction_type == "epsilon":
+        x0_pred = (sample - sigma_t * model_output) / alpha_t
+    elif prediction_type == "sample":
+        x0_pred = model_output
+    else:  # v_prediction (validated at construction)
+        x0_pred = alpha_t * sample - sigma_t * model_output
+    if config["thresholding"]:
+        x0_pred = threshold_sample(x0_pred, config["dynamic_thresholding_ratio"], config["sample_max_value"])
+    return x0_pred
+
+
+def noise_prediction(
+    config: dict, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array, sigma_t: jax.Array,
+    thresholding: bool,
+) -> jax.Array:
+    """epsilon from the model output at (alpha_t, sigma_t) (the noise-prediction solvers); with
+    `thresholding`, through a thresholded x_0 as DPM-Solver does."""
+    prediction_type = config["prediction_type"]
+    if prediction_type == "epsilon":
+        epsilon = model_output
+    elif prediction_type == "sample":
+        epsilon = (sample - alpha_t * model_output) / sigma_t
+    else:  # v_prediction
+        epsilon = alpha_t * model_output + sigma_t * sample
+    if thresholding:
+        x0_pred = threshold_sample(
+            (sample - sigma_t * epsilon) / alpha_t, config["dynamic_thresholding_ratio"], config["sample_max_value"]
+        )
+        epsilon = (sample - alpha_t * x0_pred) / sigma_t
+    return epsilon
+
+
+def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
+    """The multistep history (oldest first) with its oldest entry dropped and `value` appended."""
+    return jnp.concatenate([history[1:], value[None].astype(history.dtype)])
+
+
+def combine(coefficients: jax.Array, terms: Sequence[jax.Array]) -> jax.Array:
+    """sum_k coefficients[k] * terms[k]: a solver update, its coefficients precomputed per step."""
+    total = coefficients[0] * terms[0]
+    for k in range(1, len(terms)):
+        total = total + coefficients[k] * terms[k]
+    return total
+
+
+def convert_model_output(
+    config: dict, model_output: jax.Array, sample: jax.Array, sigma: jax.Array, predict_x0: bool,
+    threshold_noise: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """(what a multistep solver keeps in its history, the x_0 prediction) from the model output at the
+    noise-to-signal ratio `sigma`: x_0 for the data-prediction solvers, epsilon (thresholded through x_0
+    if `threshold_noise`) for the noise-prediction ones."""
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+    if predict_x0:
+        x0_pred = data_prediction(config, model_output, sample, alpha_t, sigma_t)
+        return x0_pred, x0_pred
+    epsilon = noise_prediction(config, model_output, sample, alpha_t, sigma_t, threshold_noise)
+    return epsilon, (sample - sigma_t * epsilon) / alpha_t
+
+
+def check_finite_weights(what: str, rows: np.ndarray, sigmas: np.ndarray) -> None:
+    """Per-step update weights must be finite (repeated sigmas mid-chain divide by a zero step)."""
+    if not np.all(np.isfinite(rows)):
+        bad = int(np.argwhere(~np.isfinite(rows))[0, 0])
+        raise ValueError(
+            f"the {what} of step {bad} is not finite for the sigmas {sigmas[max(bad - 2, 0):bad + 2]} (repeated "
+            f"timesteps?): use fewer num_inference_steps or another timestep_spacing"
+        )
+
+
+def check_step(
+    state, model_output: jax.Array, timestep: int | float | jax.Array, sample: jax.Array,
+    variance_type: str | None = None,
+) -> jax.Array:
+    """What a sigma scheduler's `step` checks first; returns the model output without predicted variance."""
+    if state.num_inference_steps is None:
+        raise ValueError("num_inference_steps is not set: call set_timesteps(state, n, shape) before step")
+    model_output, _ = split_variance(variance_type, model_output, sample)
+    history = getattr(state, "model_outputs", None)
+    if history is not None and history.shape[1:] != sample.shape:
+        raise ValueError(f"the state was set up for samples of shape {history.shape[1:]}, got {sample.shape}: "
+                         f"call set_timesteps(state, n, shape=sample.shape)")  # fmt: skip
+    check_next_timestep(state, timestep)
+    return model_output
+
+
+def check_next_timestep(state, timestep: int | float | jax.Array) -> None:
+    """Outside jit: `timestep` must be the one the state's step counter points at (the solvers count
+    steps instead of searching the timestep, so a skipped or repeated call would silently misalign)."""
+    if isinstance(timestep, jax.core.Tracer) or isinstance(state.step_index, jax.core.Tracer):
+        return
+    index, count = int(state.step_index), state.timesteps.shape[0]
+    if index >= count:
+        raise ValueError(f"all {count} steps are done: call set_timesteps again to sample anew")
+    if float(timestep) != float(state.timesteps[index]):
+        raise ValueError(
+            f"timestep {float(timestep):g} is not the next one, state.timesteps[{index}] = "
+            f"{float(state.timesteps[index]):g}: call step once per timestep, in order"
+        )
+
+
+def euler_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str, steps_offset: int
+) -> np.ndarray:
+    """The float32 timesteps of diffusers' Euler schedulers: DDPM's, except that linspace is not rounded."""
+    if timestep_spacing == "linspace":
+        check_inference_steps(num_train_timesteps, num_inference_steps)
+        return np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    return inference_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset).astype(
+        np.float32
+    )
+
+
+def initial_sigma(sigmas: np.ndarray, timestep_spacing: str) -> np.float32:
+    """The Euler schedulers' `init_noise_sigma`: the largest sigma, or sqrt(sigma**2 + 1) for leading spacing
+    (whose first timestep is below the last training timestep), in float32 as diffusers."""
+    sigma_max = np.float32(np.max(sigmas))
+    if timestep_spacing in ("linspace", "trailing"):
+        return sigma_max
+    return np.sqrt(sigma_max**2 + np.float32(1.0))

@@ -16,6 +16,7 @@ import numpy as np
 
 from jax_uncond.schedulers.base import FlaxSchedulerBase, check_bool
 from jax_uncond.schedulers.common import (
+    CORE_BETA_SCHEDULES,
     CommonSchedulerState,
     FlaxSchedulerOutput,
     alpha_prod_at,
@@ -42,8 +43,7 @@ class FlaxDDIMScheduler(FlaxSchedulerBase):
     """
 
     diffusers_class = "DDIMScheduler"
-    # diffusers' DDIMScheduler implements only these (it raises for sigmoid and laplace).
-    beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    beta_schedules = CORE_BETA_SCHEDULES
 
     def __init__(
         self,

@@ -16,15 +16,15 @@ import numpy as np
 
 from jax_uncond.schedulers.base import FlaxSchedulerBase, check_choice
 from jax_uncond.schedulers.common import (
+    VARIANCE_TYPES,
     CommonSchedulerState,
     FlaxSchedulerOutput,
     alpha_prod_at,
     inference_timesteps,
     predict_original_and_epsilon,
+    split_variance,
 )
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 @flax.struct.dataclass
@@ -157,7 +157,7 @@ class FlaxDDPMScheduler(FlaxSchedulerBase):
         """
         if (key is None) == (variance_noise is None):
             raise ValueError("DDPM step adds noise: pass exactly one of key or variance_noise")
-        model_output, predicted_variance = self._split_variance(model_output, sample)
+        model_output, predicted_variance = split_variance(self._config["variance_type"], model_output, sample)
         t = jnp.asarray(timestep)
         if not isinstance(t, jax.core.Tracer) and not bool(jnp.any(state.timesteps == t)):
             raise ValueError(f"timestep {timestep} is not one of state.timesteps; call set_timesteps first")
@@ -185,20 +185,3 @@ class FlaxDDPMScheduler(FlaxSchedulerBase):
             pred_original_sample=pred_original_sample.astype(sample.dtype),
             state=state,
         )
-
-    def _split_variance(self, model_output: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """(prediction, predicted variance or None), checking the channel count against `variance_type`."""
-        channels = sample.shape[1]
-        if self._config["variance_type"] in LEARNED_VARIANCE_TYPES:
-            if model_output.shape[1] != 2 * channels:
-                raise ValueError(
-                    f"variance_type={self._config['variance_type']!r} needs a model output with 2 x {channels} "
-                    f"channels (prediction, variance); got shape {model_output.shape}"
-                )
-            return model_output[:, :channels], model_output[:, channels:]
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model output shape {model_output.shape} != sample shape {sample.shape} (a model with learned "
-                f"variance needs variance_type 'learned' or 'learned_range')"
-            )
-        return model_output, None

@@ -12,9 +12,14 @@ import dataclasses
 import difflib
 import os
 import sys
+from importlib import resources
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
+
+from jax_uncond import __version__
+from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM
+from jax_uncond.schedulers.samplers import SAMPLERS
 
 SECRET_KEYS = frozenset({"hub_token"})
 """Config keys that never reach logs, saved configs, checkpoints or uploads."""
@@ -68,6 +73,16 @@ def _flags() -> list[Flag]:
         F("enable_xformers_memory_efficient_attention", False, "Memory-efficient attention: cuDNN flash attention "
           "on NVIDIA GPUs with --mixed_precision bf16; elsewhere XLA's attention, with a note.", store_true=True,
           group="model"),
+        F("pretrained_model_name_or_path", None, "Start from a trained model instead of random weights: a "
+          "DDPMPipeline or UNet2DModel folder, a Hub id of either, or a checkpoint-N folder of diffusers' "
+          "train_unconditional.py (see docs/fine-tuning.md).", str, group="model", pytorch=False),
+        F("revision", None, "The Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.", str,
+          group="model", pytorch=False),
+        F("variant", None, "The weights variant of --pretrained_model_name_or_path, e.g. fp16 for "
+          "diffusion_pytorch_model.fp16.safetensors.", str, group="model", pytorch=False),
+        F("resume_step_from_pretrained", False, "With a checkpoint-N folder as --pretrained_model_name_or_path: "
+          "continue the step count at N (LR schedule, EMA warm-up); optimizer moments start afresh.",
+          store_true=True, group="model", pytorch=False),
         # --- training
         F("output_dir", "ddpm-model-64", "Where the DDPMPipeline folder, checkpoints, logs and samples are written.",
           str, group="training"),
@@ -103,8 +118,11 @@ def _flags() -> list[Flag]:
         F("max_nonfinite_steps", 25, "Stop after this many consecutive steps with a non-finite loss or gradient "
           "(each is skipped and counted; the last checkpoint stays untouched).", int, group="training",
           pytorch=False),
-        F("config", None, "A YAML preset (see configs/); explicit flags override its values.", str,
-          group="training", pytorch=False),
+        F("eval_scheduler", "ddpm", "The sampler of the sample grids, built from the training noise schedule; "
+          "it takes --ddpm_num_inference_steps steps, so lower that too (e.g. 20 for dpmsolver++; "
+          "docs/sampling.md).", str, tuple(SAMPLERS), group="training", pytorch=False),
+        F("config", None, "A YAML preset: a file, or the name of one shipped with the package (e.g. quickstart; "
+          "jax_uncond/configs/); explicit flags override its values.", str, group="training", pytorch=False),
         # --- optimizer
         F("learning_rate", 1e-4, "Learning rate after warm-up.", float, group="optimizer"),
         F("lr_scheduler", "cosine", "The learning-rate schedule (diffusers' names).", str, LR_SCHEDULERS,
@@ -134,6 +152,8 @@ def _flags() -> list[Flag]:
         F("hub_token", None, "Hub token; never logged or saved.", str, group="logging"),
         F("hub_model_id", None, "Hub repository to keep in sync with --output_dir.", str, group="logging"),
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
+        F("hub_license", None, "The license in the model card (README.md) of the pipeline folder: a Hub license "
+          "id such as apache-2.0, mit or cc-by-4.0.", str, group="logging", pytorch=False),
         F("logging_steps", 50, "Log the metrics (loss, lr, norms, images/s) every this many optimizer steps; "
           "non-finite steps are caught at every step whatever this is.", int, group="logging", pytorch=False),
         F("profile_steps", None, "START:END: write a jax.profiler trace of optimizer steps START to END-1 to "
@@ -146,25 +166,56 @@ def _flags() -> list[Flag]:
           pytorch=False),
         F("process_id", None, "This process's index, with --coordinator_address.", int, group="distributed",
           pytorch=False),
+        # --- evaluation (docs/evaluation.md)
+        F("fid_epochs", 0, "Compute FID and KID of the EMA weights (the raw ones without --use_ema) every this many "
+          "epochs and at the end; 0: off.", int, group="evaluation", pytorch=False),
+        F("fid_num_samples", 10000, "Images sampled for each FID.", int, group="evaluation", pytorch=False),
+        F("fid_scheduler", "ddim", "The sampler of the FID images.", str, tuple(SAMPLERS), group="evaluation",
+          pytorch=False),
+        F("fid_inference_steps", None, "Denoising steps of the FID images (default: the sampler's usual count, 50 "
+          "for ddim; --ddpm_num_steps for ddpm).", int, group="evaluation", pytorch=False),
+        F("fid_batch_size", None, "Images per sampling call over all devices, a multiple of their count (default: "
+          "the global training batch).", int, group="evaluation", pytorch=False),
+        F("fid_dims", 2048, "Inception features FID and KID use: 2048 (pool3, the standard) or an earlier block's, as "
+          "pytorch-fid's --dims.", int, tuple(BLOCK_INDEX_BY_DIM), group="evaluation", pytorch=False),
+        F("fid_reference", None, "The reference: a folder of images, or an .npz with `mu` and `sigma` (pytorch-fid's "
+          "format). Default: the training data through the loader, its statistics cached in --output_dir.", str,
+          group="evaluation", pytorch=False),
+        F("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: downloaded once "
+          "into $JAX_UNCOND_CACHE or ~/.cache/jax_uncond, checksum checked).", str, group="evaluation",
+          pytorch=False),
     ]
 
 
 FLAGS: tuple[Flag, ...] = tuple(_flags())
 PRESET_ONLY_KEYS = frozenset({"unet"})
 """YAML-only keys: `unet` is an inline UNet2DModel config mapping (instead of --model_config_name_or_path)."""
+PRESET_KEYS = frozenset(f.name for f in FLAGS) | PRESET_ONLY_KEYS
+"""The keys a YAML preset may hold."""
 
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
     [(f.name, Any, dataclasses.field(default=f.default)) for f in FLAGS]
-    + [("unet", Any, dataclasses.field(default=None))],
+    + [("unet", Any, dataclasses.field(default=None)), ("noise_scheduler", Any, dataclasses.field(default=None)),
+       ("explicit_flags", Any, dataclasses.field(default=()))],
     frozen=True,
 )
-TrainConfig.__doc__ = "The frozen run configuration: one field per flag, plus `unet` from a YAML preset."
+TrainConfig.__doc__ = """The frozen run configuration: one field per flag, plus `unet` from a YAML preset,
+`noise_scheduler` (a pretrained pipeline's scheduler config, which the --ddpm_* flags refine) and
+`explicit_flags` (the flags given on the command line or in the preset, not left at their defaults)."""
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as a plain dict with secrets removed: the form that is logged and saved."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SECRET_KEYS}
+    """The config as a plain dict with secrets removed (their values, and their names from `explicit_flags`):
+    the form that is logged and saved."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in SECRET_KEYS}
+    values["explicit_flags"] = tuple(k for k in values["explicit_flags"] if k not in SECRET_KEYS)
+    return values
+
+
+def to_preset(config: Any) -> dict[str, Any]:
+    """The config as a YAML preset that `--config` takes back: every flag and the `unet` mapping, no secrets."""
+    return {k: v for k, v in to_dict(config).items() if k in PRESET_KEYS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,37 +223,56 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `train_flax.py`, grouped as in `--help`."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of `train_flax.py` (or `prog`), grouped as in `--help`."""
     parser = _Parser(
-        prog="train_flax.py",
+        prog=prog or "train_flax.py",
         description="Train an unconditional diffusion UNet in JAX; the output folder is a diffusers DDPMPipeline.",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in FLAGS:
-        group = groups.setdefault(flag.group, parser.add_argument_group(flag.group))
-        help_text = flag.help + ("" if flag.store_true else " (default: %(default)s)")
-        if flag.store_true:
-            group.add_argument(f"--{flag.name}", action="store_true", default=flag.default, help=help_text)
-        else:
-            group.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
-                               help=help_text)
+        add_flag(groups.setdefault(flag.group, parser.add_argument_group(flag.group)), flag)
     return parser
 
 
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: Flag) -> None:
+    """Declare `flag` on a parser (also the other commands' parsers that share training flags)."""
+    help_text = flag.help + ("" if flag.store_true else " (default: %(default)s)")
+    if flag.store_true:
+        parser.add_argument(f"--{flag.name}", action="store_true", default=flag.default, help=help_text)
+    else:
+        parser.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
+                            help=help_text)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package (jax_uncond/configs/NAME.yaml), by name."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("jax_uncond").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def preset_path(name_or_path: str) -> str:
+    """`--config`'s file: an existing path as given, else the shipped preset of that name (`quickstart`)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path.removesuffix(".yaml")
+    if name in preset_names():
+        return str(resources.files("jax_uncond").joinpath("configs", f"{name}.yaml"))
+    raise ValueError(f"--config {name_or_path}: no such file, nor a preset name ({', '.join(preset_names())})")
+
+
 def load_preset(path: str) -> dict[str, Any]:
-    """A YAML preset as a dict, every key checked against the known flags."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")
+    """A YAML preset (a file or a shipped preset's name) as a dict, every key checked against the known flags."""
+    path = preset_path(path)
     with open(path) as f:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in FLAGS} | PRESET_ONLY_KEYS
-    unknown = sorted(set(preset) - known)
+    unknown = sorted(set(preset) - PRESET_KEYS)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, PRESET_KEYS, 1)) else k
                  for k in unknown]
         raise ValueError(f"--config {path}: unknown keys: {', '.join(hints)}")
     if SECRET_KEYS & set(preset):
@@ -210,10 +280,10 @@ def load_preset(path: str) -> dict[str, Any]:
     return preset
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Any:
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
     """Parse the command line (and its `--config` preset) into a frozen `TrainConfig`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [a for a in parser._option_string_actions if a.startswith("--")]
@@ -232,8 +302,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         values["local_rank"] = env_rank
+    explicit = tuple(sorted((set(preset) - PRESET_ONLY_KEYS) | _given_on_command_line(argv)))
     try:
-        return validate(TrainConfig(**values, unet=preset.get("unet")))
+        return validate(TrainConfig(**values, unet=preset.get("unet"), explicit_flags=explicit))
     except ValueError as e:
         parser.error(str(e))
 
@@ -249,17 +320,29 @@ def profile_window(spec: str) -> tuple[int, int]:
     return start, end
 
 
+def _given_on_command_line(argv: Sequence[str]) -> set[str]:
+    """The flags `argv` sets (parsed again with every default replaced by a marker)."""
+    unset = object()
+    parser = build_parser()
+    parser.set_defaults(**{f.name: unset for f in FLAGS})
+    args, _ = parser.parse_known_args(argv)
+    return {name for name, value in vars(args).items() if value is not unset}
+
+
 def validate(config: Any) -> Any:
     """Checks that need no file system or devices; raises ValueError naming the flag."""
     positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                 "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
                 "checkpointing_steps", "max_nonfinite_steps", "logging_steps"]
-    for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit"]:
+    for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit", "fid_num_samples",
+                           "fid_inference_steps", "fid_batch_size"]:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
     if config.profile_steps is not None:
         profile_window(config.profile_steps)
+    if config.fid_epochs < 0:
+        raise ValueError(f"--fid_epochs must be >= 0 (0: no FID), got {config.fid_epochs}")
     if config.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {config.dataloader_num_workers}")
     if config.dataset_name is not None and config.train_data_dir is not None:
@@ -268,4 +351,8 @@ def validate(config: Any) -> Any:
         raise ValueError("the preset's `unet` mapping and --model_config_name_or_path both set the model; give one")
     if config.unet is not None and not isinstance(config.unet, Mapping):
         raise ValueError("the preset's `unet` must be a mapping of UNet2DModel config keys")
+    if config.pretrained_model_name_or_path is None:
+        needing = [f"--{k}" for k in ("revision", "variant", "resume_step_from_pretrained") if getattr(config, k)]
+        if needing:
+            raise ValueError(f"{', '.join(needing)} only apply to --pretrained_model_name_or_path, which is not given")
     return config

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +22,17 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jax_uncond.errors import UsageError
+from jax_uncond.errors import RunError, UsageError
 from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import distributed, metrics, sharding
+from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.profiling import StepProfiler
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
+
+if TYPE_CHECKING:
+    from jax_uncond.evaluation.fid import FidEvaluator
 
 SEED_UNET_CONFIG = {
     "in_channels": 3,
@@ -44,8 +47,8 @@ SEED_UNET_CONFIG = {
 COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+class NonFiniteError(RunError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped (one line, exit code 1)."""
 
 
 def say(message: str) -> None:
@@ -101,11 +104,13 @@ def build_model(config: Any) -> Any:
 
 
 def build_scheduler(config: Any) -> Any:
-    """The training noise scheduler, configured as the PyTorch script's DDPMScheduler."""
+    """The training noise scheduler, configured as the PyTorch script's DDPMScheduler (on top of a pretrained
+    pipeline's scheduler config when there is one)."""
     from jax_uncond.schedulers import FlaxDDPMScheduler
 
-    return FlaxDDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
-                             prediction_type=config.prediction_type)
+    return FlaxDDPMScheduler.from_config(config.noise_scheduler or {}, num_train_timesteps=config.ddpm_num_steps,
+                                         beta_schedule=config.ddpm_beta_schedule,
+                                         prediction_type=config.prediction_type)
 
 
 def check_resolution(config: Any, model: Any) -> None:
@@ -127,25 +132,35 @@ def global_batch_size(config: Any, mesh: Mesh) -> int:
 
 
 def run(config: Any) -> None:
-    """Train as `config` says: the whole run of `train_flax.py`."""
+    """Train as `config` says: the whole run of `train_flax.py`, holding the output folder's lock."""
     joined = distributed.initialize(config)
+    with run_lock.hold(config.output_dir):
+        _run(config, joined)
+
+
+def _run(config: Any, joined: str) -> None:
     cache_dir = metrics.enable_compilation_cache()
     from jax_uncond.data.loader import make_train_loader
     from jax_uncond.training.outputs import RunOutputs
 
     mesh = sharding.make_mesh()
+    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    config, source = pretrained.prepare(config, resume, say)
     model = build_model(config)
+    start = None if source is None else pretrained.load(source, model, config)
     # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
     config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
     check_resolution(config, model)
     scheduler = build_scheduler(config)
     batch = global_batch_size(config, mesh)
-    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     outputs = RunOutputs(config, model, scheduler, mesh)
     loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
     try:
-        train(config, model, scheduler, mesh, loader, outputs, batch, resume)
+        from jax_uncond.evaluation.fid import FidEvaluator
+
+        fid = FidEvaluator(config, model, scheduler, mesh, batch, loader.source) if config.fid_epochs else None
+        train(config, model, scheduler, mesh, loader, outputs, batch, resume, start, fid)
     finally:
         loader.close()
 
@@ -178,10 +193,14 @@ def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, d
 
 
 def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outputs: Any,
-          batch_size: int, resume: tuple[str, int] | None) -> TrainState:
+          batch_size: int, resume: tuple[str, int] | None, start: pretrained.FineTune | None = None,
+          fid: FidEvaluator | None = None) -> TrainState:
     """The training loop over global batches of `batch_size` x accumulation steps; returns the final state.
 
-    `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh.
+    `resume` is `checkpoint.resolve_resume`'s answer: the (directory, step) to restore, or None for fresh;
+    with `latest`, an older checkpoint when that one cannot be restored (`checkpoint.restore_resume`).
+    A fresh state starts from `start`'s pretrained weights when given, else from the init.
+    `fid` scores the samples at the epochs it says (--fid_epochs), if given.
     """
     jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
     k = config.gradient_accumulation_steps
@@ -199,14 +218,13 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
                                    config.checkpoints_total_limit)
     if resume is None:
-        state = jax.jit(init_state, out_shardings=state_sharding)()
+        state = jax.jit(init_state, out_shardings=state_sharding)(None if start is None else start.weights)
         why = ("no checkpoint in the output folder yet" if config.resume_from_checkpoint == "latest"
                else "--resume_from_checkpoint not given")
-        say(f"start: fresh initialisation (seed {config.seed}; {why})")
+        say(start.line if start is not None else f"start: fresh initialisation (seed {config.seed}; {why})")
     else:
-        directory, resume_step = resume
-        source = checkpoints if directory == checkpoints.directory else ckpt.Checkpoints(directory, 1, read_only=True)
-        state, loader_state, _ = source.restore(resume_step, ckpt.abstract_state(shapes, mesh))
+        source, resume_step, (state, loader_state, _) = ckpt.restore_resume(
+            resume, config.resume_from_checkpoint, checkpoints, ckpt.abstract_state(shapes, mesh))
         loader.set_state(loader_state)
         say(f"start: resuming from {source.path(resume_step)} at step {resume_step} "
             f"(epoch {resume_step // steps_per_epoch}, {resume_step % steps_per_epoch} batches into it)")
@@ -280,8 +298,11 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             if checkpoints.should_save(step) or step == max_steps or preempted:
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
+                if fid is not None and fid.due((step - 1) // steps_per_epoch, step == max_steps):  # before the card
+                    outputs.log(step, fid(state.ema_params if config.use_ema else state.params, step))
+                    outputs.card_metrics.update(fid.card_metrics())
                 outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
-                                  last=step == max_steps)
+                                  last=step == max_steps, step=step)
             aside += time.perf_counter() - paused
             if preempted:
                 checkpoints.wait()
@@ -302,7 +323,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     summary = {"step": step, "loss": last.get("loss", math.nan), "nonfinite_steps": int(last.get("nonfinite_total", 0)),
-               **figures, "skipped_files": loader.skipped_files}
+               **figures, "skipped_files": loader.skipped_files, **(fid.summary() if fid is not None else {})}
     outputs.close(summary)
     return state
 

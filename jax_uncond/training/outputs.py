@@ -4,13 +4,12 @@
 file, a tracker that is not installed, a Hub push without token or network), then writes, on
 process 0 only: tracker events under `output_dir/logging_dir/train_unconditional` (the layout of
 diffusers' script), seeded sample grids as PNG under `output_dir/samples/`, the diffusers
-`DDPMPipeline` folder in `output_dir`, and Hub uploads of that folder and the logs (checkpoints
-excluded). The Hub token is kept out of everything written or uploaded.
+`DDPMPipeline` folder with its model card in `output_dir`, and Hub uploads of that folder and the logs
+(checkpoints excluded). The Hub token is kept out of everything written or uploaded.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -23,8 +22,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
+from jax_uncond.model_card import hardware, write_model_card
 from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
-from jax_uncond.training.config import to_dict
+from jax_uncond.schedulers.base import FlaxSchedulerBase
+from jax_uncond.schedulers.samplers import make_sampler
+from jax_uncond.training.config import TrainConfig, to_dict
+from jax_uncond.training.faults import Survivor
+from jax_uncond.training.uploads import HubUploads
 
 RUN_NAME = "train_unconditional"
 """The tracker's run name, as in diffusers' script: TensorBoard events go to output_dir/logging_dir/RUN_NAME."""
@@ -42,6 +46,19 @@ def output_dir_check(output_dir: str) -> None:
         raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
 
 
+def eval_scheduler(config: TrainConfig, scheduler: FlaxSchedulerBase) -> FlaxSchedulerBase:
+    """The sampler of the sample grids: the training scheduler for ddpm (as the PyTorch script samples),
+    else --eval_scheduler built from its config, checked at start-up with --ddpm_num_inference_steps."""
+    if config.eval_scheduler == "ddpm":
+        return scheduler
+    try:
+        sampler = make_sampler(config.eval_scheduler, scheduler.config)
+        sampler.set_timesteps(sampler.create_state(), config.ddpm_num_inference_steps)
+    except ValueError as e:
+        raise UsageError(f"--eval_scheduler {config.eval_scheduler}: {e}") from e
+    return sampler
+
+
 def image_grid(images: np.ndarray) -> Image.Image:
     """NHWC images in [0, 1] tiled row by row into one near-square PIL image (black where the grid is short)."""
     n, h, w, c = images.shape
@@ -55,8 +72,8 @@ def image_grid(images: np.ndarray) -> Image.Image:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to uint8, rounded as diffusers' `numpy_to_pil` and the PyTorch script do."""
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    """[0, 1] floats to uint8, rounded as diffusers' `numpy_to_pil` and the PyTorch script do (numpy or jax)."""
+    return (images.clip(0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def host_params(params: Any) -> Any:
@@ -102,9 +119,9 @@ class _Tracker:
 
             self._run = wandb.init(project=RUN_NAME, dir=logdir, config=to_dict(config))
         else:
-            from tensorboardX import SummaryWriter
+            from jax_uncond.training.tensorboard import EventWriter  # SummaryWriter's files, written in this thread
 
-            self._writer = SummaryWriter(logdir=os.path.join(logdir, RUN_NAME))
+            self._writer = EventWriter(os.path.join(logdir, RUN_NAME))
             self._writer.add_text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```", 0)
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -146,21 +163,25 @@ class RunOutputs:
         self.config = config
         self.model = model
         self.scheduler = scheduler
+        self.eval_scheduler = eval_scheduler(config, scheduler)
         self.mesh = mesh
         self.writes = jax.process_index() == 0
         self._step = 0
-        self._uploads: list[concurrent.futures.Future] = []
+        self._uploads: HubUploads | None = None
         self._tracker: _Tracker | None = None
         self._repo_id: str | None = None
-        self._token: str | None = None
+        self._faults = Survivor()
+        self.card_metrics: dict[str, float] = {}
+        """Evaluation figures for the model card (e.g. {"FID": 12.3}), set by whoever measures them."""
         output_dir_check(config.output_dir)
         if not self.writes:
             return
         if config.logger == "wandb":
             self._check_wandb()
         if config.push_to_hub:
-            self._token = hub_token(config)
-            self._repo_id = create_hub_repo(config, self._token)
+            token = hub_token(config)
+            self._repo_id = create_hub_repo(config, token)
+            self._uploads = HubUploads(self._repo_id, config.output_dir, token, HUB_IGNORE_PATTERNS)
         os.makedirs(config.output_dir, exist_ok=True)
         self._tracker = _Tracker(config, os.path.join(config.output_dir, config.logging_dir))
 
@@ -178,14 +199,18 @@ class RunOutputs:
         """Scalars (loss, lr, ...) at an optimizer step."""
         self._step = step
         if self._tracker is not None:
-            self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()})
+            self._faults.attempt("log", f"the tracker events of step {step}",
+                                 lambda: self._tracker.scalars(step, {k: float(v) for k, v in metrics.items()}))
 
-    def epoch_end(self, epoch: int, params: Any, last: bool) -> None:
+    def epoch_end(self, epoch: int, params: Any, last: bool, step: int | None = None) -> None:
         """After 0-based `epoch`: a sample grid and/or the pipeline folder when due, as the PyTorch script.
 
         Grids are due when `epoch % --save_images_epochs == 0` or `last`; the pipeline (holding
         `params`, the EMA weights with --use_ema) when `epoch % --save_model_epochs == 0` or `last`.
+        `step` is the optimizer step (default: the last one logged).
         """
+        if step is not None:
+            self._step = step
         images_due = last or epoch % self.config.save_images_epochs == 0
         model_due = last or epoch % self.config.save_model_epochs == 0
         if not (images_due or model_due):
@@ -194,11 +219,13 @@ class RunOutputs:
         if not self.writes:
             return
         if images_due:
-            self.save_samples(epoch, params)
+            self._faults.attempt("grid", f"the sample grid of epoch {epoch}", lambda: self.save_samples(epoch, params))
         if model_due:
-            self.save_pipeline(params)
-            if self._repo_id is not None:
-                self._upload(f"Epoch {epoch}")
+            saved = self._faults.attempt("pipeline", f"the pipeline folder in {self.config.output_dir}",
+                                         lambda: self.save_pipeline(params))
+            if saved and self._uploads is not None:
+                self._faults.attempt("log", "the tracker events before an upload", self._tracker.flush)
+                self._uploads.submit(f"Epoch {epoch}")
 
     def pipeline(self) -> Any:
         from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
@@ -206,11 +233,12 @@ class RunOutputs:
         return FlaxDDPMPipeline(unet=self.model, scheduler=self.scheduler)
 
     def sample(self, params: Any) -> np.ndarray:
-        """--eval_batch_size images (NHWC in [0, 1]) from the same seeded noise every time."""
+        """--eval_batch_size images (NHWC in [0, 1]) from the same seeded noise every time, drawn by
+        --eval_scheduler in --ddpm_num_inference_steps steps."""
         rng = jax.random.fold_in(jax.random.key(self.config.seed), SAMPLE_SEED_SALT)
         return np.asarray(self.pipeline()({"unet": params}, rng, batch_size=self.config.eval_batch_size,
                                           num_inference_steps=self.config.ddpm_num_inference_steps,
-                                          output_type="np").images)
+                                          scheduler=self.eval_scheduler, output_type="np").images)
 
     def save_samples(self, epoch: int, params: Any) -> str:
         """Samples the grid, logs it to the tracker and writes output_dir/samples/epoch_XXXX.png; returns the path."""
@@ -224,36 +252,24 @@ class RunOutputs:
         return path
 
     def save_pipeline(self, params: Any) -> None:
-        """The DDPMPipeline folder (model_index.json, unet/, scheduler/) in output_dir."""
-        self._wait_uploads()  # an upload still reading the previous files must not see them change
+        """The DDPMPipeline folder (model_index.json, unet/, scheduler/) and its model card in output_dir."""
+        if self._uploads is not None:  # an upload still reading the previous files must not see them change
+            self._uploads.before_change()
         self.pipeline().save_pretrained(self.config.output_dir, {"unet": params})
+        write_model_card(self.config.output_dir, self.config, params, samples=SAMPLES_DIR, step=self._step,
+                         hardware=hardware(), name_or_path=self._repo_id, metrics=self.card_metrics)
         tqdm.write(f"pipeline saved in {self.config.output_dir}")
 
-    def _upload(self, message: str) -> None:
-        import huggingface_hub
-
-        self._tracker.flush()
-        self._uploads.append(huggingface_hub.upload_folder(
-            repo_id=self._repo_id, folder_path=self.config.output_dir, commit_message=message,
-            ignore_patterns=list(HUB_IGNORE_PATTERNS), token=self._token, run_as_future=True))
-
-    def _wait_uploads(self) -> None:
-        from huggingface_hub.errors import HTTPError
-
-        uploads, self._uploads = self._uploads, []
-        for future in uploads:
-            try:
-                future.result()
-            except (HTTPError, OSError) as e:
-                raise RuntimeError(f"upload of {self.config.output_dir} to the Hub repository {self._repo_id} failed "
-                                   f"({type(e).__name__}: {e}); the files are saved locally: upload them with "
-                                   f"`hf upload {self._repo_id} {self.config.output_dir}`") from e
-
     def close(self, summary: Mapping[str, Any]) -> None:
-        """Waits for uploads, closes the tracker and prints the run's summary as one line."""
+        """Waits for uploads (retries included), closes the tracker and prints the run's summary as one line,
+        with the count of each kind of write that failed."""
         if not self.writes:
             return
-        self._wait_uploads()
-        self._tracker.close()
+        if self._uploads is not None:
+            self._uploads.close()
+        self._faults.attempt("log", "the tracker's last events", self._tracker.close)
+        summary = {**summary, **{f"failed_{kind}_writes": n for kind, n in self._faults.failures.items()}}
+        if self._uploads is not None and self._uploads.failed:
+            summary["failed_uploads"] = len(self._uploads.failed)
         fields = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         tqdm.write(f"done: {fields} output_dir={self.config.output_dir}")

@@ -27,9 +27,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split the leading (batch) axis over the `data` axis; other axes whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host values (the same on every process) as arrays replicated over `mesh`, also where the mesh spans
+    processes (`jax.device_put` refuses devices of other processes; a jitted identity does not)."""
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Split the batch axis (the leading one, or `axis`) over the `data` axis; other axes whole."""
+    return NamedSharding(mesh, P(*(None,) * axis, DATA_AXIS))
 
 
 def state_shardings(mesh: Mesh, state_shapes: Any) -> Any:

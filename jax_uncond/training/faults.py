@@ -1,0 +1,60 @@
+"""Write failures a run survives, and the one hook that injects them for tests.
+
+A sample grid, the pipeline folder or a log event that cannot be written costs one warning and the
+run goes on (`Survivor`); a checkpoint that cannot be saved stops the run (checkpoint.py). Tests
+inject failures through one environment variable, read here only:
+
+    JAX_UNCOND_FAULTS=save:30,grid,pipeline,log,upload
+
+`save:N` fails the save of checkpoint N as a full disk would (inside Orbax's commit, so the folder is
+never completed); `grid`, `pipeline`, `log` and `upload` fail every sample grid, pipeline folder,
+tracker event and Hub upload attempt with an OSError.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, Callable
+
+FAULTS_ENV = "JAX_UNCOND_FAULTS"
+KINDS = ("save", "grid", "pipeline", "log", "upload")
+
+logger = logging.getLogger(__name__)
+
+
+def injected(kind: str, step: int | None = None) -> bool:
+    """Whether JAX_UNCOND_FAULTS asks `kind` (at `step`, for `save:N`) to fail."""
+    for entry in os.environ.get(FAULTS_ENV, "").split(","):
+        name, _, at = entry.strip().partition(":")
+        if name == kind and (not at or (step is not None and at == str(step))):
+            return True
+    return False
+
+
+def fail_if_injected(kind: str, step: int | None = None) -> None:
+    """Raises the OSError a full disk would, when JAX_UNCOND_FAULTS asks for it."""
+    if injected(kind, step):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULTS_ENV})")
+
+
+class Survivor:
+    """Turns a failed side write into one warning per kind of write; the run goes on."""
+
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+
+    def attempt(self, kind: str, what: str, write: Callable[[], Any]) -> bool:
+        """Calls `write`; an OSError (full disk, lost permission, network file system) is a warning naming
+        `what` (the first of its `kind`; later ones are counted) and False, and the run goes on."""
+        try:
+            fail_if_injected(kind)
+            write()
+        except OSError as e:
+            count = self.failures[kind] = self.failures.get(kind, 0) + 1
+            if count == 1:
+                logger.warning("could not write %s (%s: %s); training goes on (further %s failures are "
+                               "counted in the run summary, not repeated)", what, type(e).__name__, e, kind)
+            return False
+        return True
