@@ -14,6 +14,7 @@ The train step's consumption rate comes from `train_step_images_per_second` (the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -24,6 +25,10 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from jax_uncond import xla_flags  # noqa: E402
+
+xla_flags.apply()  # as train_flax.py does, before the backend starts
 
 RESOLUTIONS = (64, 128)
 WORKERS = (0, 1, 2)
@@ -134,23 +139,33 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch DataLoader baseline")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=RESOLUTIONS)
+    parser.add_argument("--workers", type=int, nargs="+", default=WORKERS, help="worker processes to try")
+    parser.add_argument("--no_step", action="store_true", help="skip the train step's consumption rate")
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_jpeg_folder(os.path.join(tmp, "jpegs"), args.images)
         cache_dir = os.path.join(tmp, "cache")
         print(f"{args.images} JPEGs of 320x256, batch {args.batch_size}, {args.batches} timed batches, "
               f"{os.cpu_count()} CPUs")
         print(f"{'res':>4} {'workers':>7} {'grain img/s':>12} {'torch img/s':>12} {'ratio':>6} {'step img/s':>11}")
-        for resolution in RESOLUTIONS:
-            step = train_step_images_per_second(resolution, args.batch_size)
-            for workers in WORKERS:
+        for resolution in args.resolutions:
+            step = None if args.no_step else train_step_images_per_second(resolution, args.batch_size)
+            for workers in args.workers:
                 ours = grain_rate(data_dir, cache_dir, resolution, workers, args.batch_size, args.batches)
                 theirs = None if args.no_torch else torch_rate(data_dir, cache_dir, resolution, workers,
                                                               args.batch_size, args.batches)
                 print(f"{resolution:>4} {workers:>7} {ours:>12.0f} "
                       f"{'-' if theirs is None else f'{theirs:.0f}':>12} "
                       f"{'-' if theirs is None else f'{ours / theirs:.2f}':>6} "
-                      f"{step:>11.0f}", flush=True)
+                      f"{'-' if step is None else f'{step:.0f}':>11}", flush=True)
+                rows.append({"resolution": resolution, "workers": workers, "jax_images_per_s": ours,
+                             "torch_images_per_s": theirs, "step_images_per_s": step})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"images": args.images, "batch_size": args.batch_size, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

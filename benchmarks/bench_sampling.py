@@ -28,6 +28,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jax_uncond import xla_flags  # noqa: E402
+
+xla_flags.apply()  # as `python -m jax_uncond.sample` does, before the backend starts
 from jax_uncond.schedulers.samplers import SAMPLERS, make_sampler  # noqa: E402
 from jax_uncond.training.loop import SEED_UNET_CONFIG  # noqa: E402
 
@@ -53,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch_threads", type=int,
                         help="PyTorch CPU threads (default: PyTorch's choice; on a shared, busy CPU 1 is fairer: "
                              "its OpenMP threads spin and stall there)")  # fmt: skip
+    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         ours, theirs = results["jax"][name], results["torch"][name]
         print(f"{name:>16}: jax {ours['images_per_s']:8.2f} img/s   diffusers {theirs['images_per_s']:8.2f} img/s   "
               f"ratio {ours['images_per_s'] / theirs['images_per_s']:5.2f}x   (jax compile {ours['compile_s']:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "batch": batch, "steps": steps, "precision": args.precision, **results},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,16 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jax_uncond import xla_flags  # noqa: E402
+
+xla_flags.apply()  # as train_flax.py does: the project's XLA:CPU options, before the backend starts
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -73,7 +77,8 @@ def jax_runner(config):
         jax.block_until_ready(out)
         return time.perf_counter() - start
 
-    figures = {"compile_s": compile_s, "flops": metrics.step_flops(compiled), "device": mesh.devices.flat[0]}
+    figures = {"compile_s": compile_s, "flops": metrics.step_flops(compiled), "device": mesh.devices.flat[0],
+               "compiled": compiled}
     return run, figures
 
 
@@ -111,12 +116,13 @@ def torch_runner(config, unet_config: dict):
             model_output = model(noisy_images, timesteps).sample
         loss = F.mse_loss(model_output.float(), noise.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        if ema is not None:
-            ema.step(model.parameters())
+        with torch.profiler.record_function("optimizer"):  # a label for profile_train.py; no cost otherwise
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            if ema is not None:
+                ema.step(model.parameters())
 
     def sync():
         if device == "cuda":
@@ -132,11 +138,19 @@ def torch_runner(config, unet_config: dict):
     return run, device
 
 
+def memory_figures(compiled, device) -> dict[str, int | None]:
+    """The step's buffers by kind (XLA's memory analysis) and the device's memory limit, in bytes."""
+    analysis = compiled.memory_analysis()
+    out = {key: getattr(analysis, f"{key}_size_in_bytes", None) for key in ("temp", "argument", "output", "alias")}
+    out["device_limit"] = (device.memory_stats() or {}).get("bytes_limit")
+    return out
+
+
 def measure(side: str, config, unet_config: dict, steps: int, rounds: int) -> dict:
     """Best-of-`rounds` seconds for `steps` steps of one side, after a warm-up."""
     if side == "jax":
         run, figures = jax_runner(config)
-        out = {"compile_s": figures["compile_s"]}
+        out = {"compile_s": figures["compile_s"], "memory": memory_figures(figures["compiled"], figures["device"])}
         report = metrics.Throughput(config.global_batch_size, figures["flops"], figures["device"])
     else:
         run, device = torch_runner(config, unet_config)
@@ -144,11 +158,36 @@ def measure(side: str, config, unet_config: dict, steps: int, rounds: int) -> di
 
         out = {"where": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"}
     run(steps)  # warm-up: compilation, autotuning, allocator
-    seconds = min(run(steps) for _ in range(rounds))
+    timings = []
+    for _ in range(rounds):
+        cpu = time.process_time()
+        timings.append((run(steps), time.process_time() - cpu))
+    seconds = min(wall for wall, _ in timings)
     out["images_per_s"] = steps * config.global_batch_size / seconds
+    # CPU time of this process per image (all its threads): steadier than wall time on a shared machine
+    out["cpu_ms_per_image"] = 1e3 * sorted(cpu for _, cpu in timings)[len(timings) // 2] / (steps * config.global_batch_size)
     if side == "jax":
         out.update({k: v for k, v in report.report(steps, seconds).items() if k == "mfu"})
     return out
+
+
+def cpu_list(spec: str) -> set[int]:
+    """"0-3,6" -> {0, 1, 2, 3, 6}."""
+    cpus = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def pin_cpus(spec: str, side: str) -> None:
+    """Run this process (one side) on the CPUs of `spec`, before either runtime starts its threads:
+    XLA sizes its pool from the affinity mask, PyTorch is told the count."""
+    os.sched_setaffinity(0, cpu_list(spec))
+    if side == "torch":
+        import torch
+
+        torch.set_num_threads(len(cpu_list(spec)))
 
 
 def main() -> None:
@@ -156,33 +195,61 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--batch", type=int, help="global batch (default: the preset's)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default: the preset's)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best counts")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process; the best counts")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="processes per side, alternated (jax, torch, jax, ...); the medians count")
+    parser.add_argument("--cpus", help="pin both sides to these CPUs, e.g. 0 or 0-1 (the same thread count on both)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--cache_dir", help="JAX's persistent compilation cache for the JAX side (default: none, so "
+                                            "the compile time is a cold one; a second run with it shows a cached one)")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     batch, steps = args.batch or preset["batch"], args.steps or preset["steps"]
     unet_config = dict(preset["unet"])
     config = bench_config(preset, preset["resolution"], batch)
-    if args.side:  # no persistent compilation cache: the compile time printed is a cold compile
+    if args.side:  # no persistent compilation cache unless asked: the compile time printed is a cold compile
+        if args.cache_dir:
+            metrics.enable_compilation_cache(args.cache_dir)
+        if args.cpus:
+            pin_cpus(args.cpus, args.side)
         print(RESULT, json.dumps(measure(args.side, config, unet_config, steps, args.rounds)))
         return
     # Each side runs in its own process: the two runtimes' CPU thread pools slow each other down.
-    results = {}
-    for side in ("jax",) if args.no_torch else ("jax", "torch"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
-                              capture_output=True, text=True)
-        results[side] = json.loads(done.stdout.split(RESULT, 1)[1])
+    sides = ("jax",) if args.no_torch else ("jax", "torch")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side],
+                                  capture_output=True, text=True)
+            if done.returncode:  # e.g. out of memory at a batch the other side fits: reported, not fatal
+                raise SystemExit(f"{side} side failed (exit {done.returncode}): " + " | ".join(
+                    done.stderr.strip().splitlines()[-3:]))
+            runs[side].append(json.loads(done.stdout.split(RESULT, 1)[1]))
+    results = {side: {**rs[0], **{key: statistics.median(r[key] for r in rs) for key in
+                                  ("images_per_s", "cpu_ms_per_image", "compile_s", "mfu") if key in rs[0]},
+                      "images_per_s_runs": [r["images_per_s"] for r in rs]} for side, rs in runs.items()}
     device = jax.local_devices()[0]
     print(f"config {args.preset}: {preset['resolution']}x{preset['resolution']}, global batch {batch}, "
-          f"{preset['precision']}, EMA on; JAX on {jax.local_device_count()} x {device.device_kind}")
+          f"{preset['precision']}, EMA on; JAX on {jax.local_device_count()} x {device.device_kind}"
+          + (f", CPUs {args.cpus}" if args.cpus else "") + f"; medians of {args.repeats} process(es) per side")
     jax_result = results["jax"]
-    line = f"jax:   {jax_result['images_per_s']:.1f} images/s, compile {jax_result['compile_s']:.1f}s"
+    line = (f"jax:   {jax_result['images_per_s']:.1f} images/s ({jax_result['cpu_ms_per_image']:.1f} CPU-ms/image), "
+            f"compile {jax_result['compile_s']:.1f}s")
     line += f", MFU {100 * jax_result['mfu']:.1f}%" if "mfu" in jax_result else ", MFU n/a (no known peak for this device)"
     print(line)
     if "torch" in results:
-        print(f"torch: {results['torch']['images_per_s']:.1f} images/s on {results['torch']['where']}")
-        print(f"ratio jax/torch: {jax_result['images_per_s'] / results['torch']['images_per_s']:.2f}x")
+        torch_result = results["torch"]
+        print(f"torch: {torch_result['images_per_s']:.1f} images/s ({torch_result['cpu_ms_per_image']:.1f} "
+              f"CPU-ms/image) on {torch_result['where']}")
+        ratios = [j / t for j, t in zip(jax_result["images_per_s_runs"], torch_result["images_per_s_runs"])]
+        results["ratio"] = jax_result["images_per_s"] / torch_result["images_per_s"]
+        print(f"ratio jax/torch: {results['ratio']:.2f}x" + (f" (per repeat: {', '.join(f'{r:.2f}' for r in ratios)})"
+                                                             if len(ratios) > 1 else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "batch": batch, "device": device.device_kind, **results}, f, indent=2)
 
 
 if __name__ == "__main__":

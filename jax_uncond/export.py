@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import jax
 
-from jax_uncond import __version__
+from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.errors import UsageError
 from jax_uncond.model_card import newest_grid, write_model_card
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="Export the EMA weights (default when the run kept them) or, with --no-ema, the raw ones.")
     args = parser.parse_args(argv)
+    xla_flags.apply()
     try:
         print(export(args.source, args.output_dir, args.ema))
     except UsageError as e:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jax_uncond import __version__
+from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
 from jax_uncond.training.outputs import image_grid, to_uint8
@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     setup_logging()
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    xla_flags.apply()
     for name in ("num_images", "steps", "batch_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:

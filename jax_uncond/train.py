@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Sequence
 
+from jax_uncond import xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.errors import RunError, UsageError
 from jax_uncond.training.config import parse_args
@@ -21,6 +22,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     setup_logging()
     prog = prog or os.path.basename(sys.argv[0])
     config = parse_args(argv, prog)
+    xla_flags.apply()
     from jax_uncond.training.loop import run
 
     try:

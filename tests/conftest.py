@@ -1,5 +1,6 @@
-"""Test-wide setup: 8 CPU devices for sharding tests, set before JAX is first imported; subprocesses
-import the same jax_uncond as the tests (the installed wheel in CI, the source tree in a clone)."""
+"""Test-wide setup: 8 CPU devices for sharding tests and the project's XLA:CPU options, set before JAX is
+first imported; subprocesses import the same jax_uncond as the tests (the installed wheel in CI, the
+source tree in a clone)."""
 
 import importlib.util
 import logging
@@ -16,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PACKAGE = importlib.util.find_spec("jax_uncond").submodule_search_locations[0]
 """The jax_uncond folder under test (found without importing it, so JAX starts after the flags above)."""
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(PACKAGE), os.environ.get("PYTHONPATH")) if p)
+
+
+def _apply_project_xla_flags() -> None:
+    """The project's XLA:CPU options (jax_uncond/xla_flags.py), as train_flax.py applies them, so the tests
+    check what users run; loaded from its file, the package itself still unimported."""
+    spec = importlib.util.spec_from_file_location("jax_uncond_xla_flags", os.path.join(PACKAGE, "xla_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.apply()
+
+
+_apply_project_xla_flags()
 
 
 def pytest_report_header(config):

@@ -31,10 +31,10 @@ NUM_IMAGES = 64
 
 
 def tiny_config(output_dir: str, *flags: str, **overrides: Any) -> Any:
-    """A TrainConfig for an 8x8 run on the tiny UNet; `flags` as on the command line."""
+    """A TrainConfig for an 8x8 run on the tiny UNet, metrics logged every step; `flags` as on the command line."""
     argv = ["--output_dir", str(output_dir), "--resolution", "8", "--global_batch_size", "8",
             "--max_train_steps", "6", "--checkpointing_steps", "2", "--lr_warmup_steps", "2",
-            "--learning_rate", "1e-3", "--ddpm_num_steps", "100", "--use_ema", *flags]
+            "--learning_rate", "1e-3", "--ddpm_num_steps", "100", "--use_ema", "--logging_steps", "1", *flags]
     config = parse_args(argv)
     return dataclasses.replace(config, unet=dict(TINY_UNET), **overrides)
 

@@ -128,3 +128,19 @@ def test_mixed_precision_trains_with_float32_state(tmp_path, precision):
         assert scale[0] == 65536.0 and scale[2] == scale[1] / 2
     else:
         assert scale == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_logging_every_n_steps_profile_window_and_nonfinite_stop_between_logs(runs, tmp_path):
+    """--logging_steps 4 logs steps 4 and 6 (the last) only; --profile_steps 1:3 writes a trace that
+    TensorBoard's profile plugin and Perfetto open; a run of non-finite steps between two logged steps
+    still stops the run at its limit (the counter is read every step)."""
+    config = dataclasses.replace(runs[8][0], output_dir=str(tmp_path / "run"), logging_steps=4, profile_steps="1:3")
+    _, outputs = run(config, 8, nan_at=(2,))
+    assert [s for s in sorted(outputs.logs) if "loss" in outputs.logs[s]] == [4, 6]
+    profile = tmp_path / "run" / "logs" / "plugins" / "profile"
+    assert list(profile.glob("*/*.xplane.pb")) and list(profile.glob("*/perfetto_trace.json.gz"))
+    stopping = dataclasses.replace(config, output_dir=str(tmp_path / "nan"), logging_steps=100, profile_steps=None,
+                                   max_nonfinite_steps=2)
+    with pytest.raises(NonFiniteError, match="2 consecutive steps up to step 3"):
+        run(stopping, 8, nan_at=(1, 2))

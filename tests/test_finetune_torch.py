@@ -55,7 +55,7 @@ def test_continuing_a_pytorch_checkpoint_matches_the_script_step_for_step(pretra
                          "--global_batch_size", str(BATCH), "--max_train_steps", str(PRETRAIN["total"]),
                          "--lr_warmup_steps", str(PRETRAIN["warmup"]),
                          "--learning_rate", str(PRETRAIN["learning_rate"]),
-                         "--checkpointing_steps", "100000", *SCHEDULE_FLAGS])
+                         "--checkpointing_steps", "100000", "--logging_steps", "1", *SCHEDULE_FLAGS])
     assert PRETRAIN["total"] == PRETRAIN_STEPS + STEPS
     mesh = make_mesh(jax.devices()[:1])
     config, source = pretrained.prepare(config, None, print)

@@ -52,7 +52,13 @@ def dense(features: int, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.D
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm over the last (channel) axis; statistics in float32 whatever `dtype` is."""
+    """torch.nn.GroupNorm over the last (channel) axis; statistics in float32 whatever `dtype` is.
+
+    Two passes over the activation each way (XLA fuses the rest): per-channel sums of the input and
+    its square, shifted by the channel's first value so they stay accurate (Chan's combination gives
+    the group's mean and variance from them), then `x * a + b` with per-(sample, channel) `a`, `b`.
+    The backward pass likewise reduces once and writes once.
+    """
 
     num_groups: int
     epsilon: float = 1e-5
@@ -62,21 +68,31 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        if self.num_groups <= 0 or channels % self.num_groups:
+        groups = self.num_groups
+        if groups <= 0 or channels % groups:
             raise ValueError(
-                f"GroupNorm: {channels} channels cannot be split into {self.num_groups} groups "
+                f"GroupNorm: {channels} channels cannot be split into {groups} groups "
                 "(check norm_num_groups / attn_norm_num_groups against block_out_channels)"
             )
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
         h = x.astype(jnp.float32)
-        grouped = h.reshape(*h.shape[:-1], self.num_groups, channels // self.num_groups)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        grouped = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
-        h = grouped.reshape(h.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return h.astype(self.dtype)
+        batch, per_group = h.shape[0], channels // groups
+        spatial = tuple(range(1, h.ndim - 1))
+        count = float(np.prod(h.shape[1:-1]))
+        # The statistics do not depend on the shift, so no gradient flows through it.
+        shift = jax.lax.stop_gradient(h[(slice(None),) + (slice(0, 1),) * len(spatial)])
+        centred = h - shift
+        sums, squares = centred.sum(spatial), jnp.square(centred).sum(spatial)  # (batch, channels)
+        channel_mean = (shift.reshape(batch, channels) + sums / count).reshape(batch, groups, per_group)
+        channel_m2 = (squares - sums * sums / count).reshape(batch, groups, per_group)
+        mean = channel_mean.mean(-1, keepdims=True)
+        m2 = channel_m2.sum(-1, keepdims=True) + count * jnp.square(channel_mean - mean).sum(-1, keepdims=True)
+        inv_std = jax.lax.rsqrt(jnp.maximum(m2 / (count * per_group), 0.0) + self.epsilon)
+        gain = inv_std * scale.astype(jnp.float32).reshape(groups, per_group)  # (batch, groups, per_group)
+        offset = bias.astype(jnp.float32) - (mean * gain).reshape(batch, channels)
+        shape = (batch,) + (1,) * len(spatial) + (channels,)
+        return (h * gain.reshape(shape) + offset.reshape(shape)).astype(self.dtype)
 
 
 # FIR resampling (score-SDE "fir" kernel (1, 3, 3, 1)), as diffusers' upfirdn2d_native does it.
@@ -205,12 +221,84 @@ class ResnetBlock2D(nn.Module):
         return ((x + h) / self.output_scale_factor).astype(self.dtype)
 
 
+ATTENTION_LOGITS_BYTES = 2**21
+"""The float32 logits one step of the blocked attention holds (2 MiB: about what a CPU core keeps in cache)."""
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v over (batch, tokens, heads, head_dim), logits and softmax in float32.
+
+    `implementation`: "blocked" (None on a CPU), else `jax.nn.dot_product_attention`'s ("xla", "cudnn",
+    or None: XLA's).
+    """
+    if implementation == "blocked" or (implementation is None and jax.default_backend() == "cpu"):
+        return blocked_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention`'s XLA math, a few (batch, head) pairs at a time, so that each group's
+    logits stay in cache (PyTorch's CPU flash attention does the like): XLA's one-shot form writes and
+    rereads the whole (batch, heads, tokens, tokens) logits some ten times per training step, and on a
+    CPU that memory traffic costs more than the products themselves."""
+    b, t, n, h = q.shape
+    groups = b * n
+    chunk = max(c for c in range(1, groups + 1)
+                if groups % c == 0 and (c == 1 or c * t * k.shape[1] * 4 <= ATTENTION_LOGITS_BYTES))
+
+    def heads_first(x: jax.Array) -> jax.Array:
+        return x.transpose(0, 2, 1, 3).reshape(groups // chunk, chunk, x.shape[1], h)
+
+    out = jax.lax.map(lambda qkv: _attend(*qkv), (heads_first(q), heads_first(k), heads_first(v)))
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def _probabilities(q: jax.Array, k: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) over (group, query, key), in float32."""
+    logits = jnp.einsum("cth,csh->cts", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits * np.float32(1.0 / np.sqrt(q.shape[-1])), axis=-1)
+
+
+@jax.custom_vjp
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Attention of one group of (batch, head) pairs, (group, tokens, head_dim) each."""
+    return jnp.einsum("cts,csh->cth", _probabilities(q, k).astype(v.dtype), v)
+
+
+def _attend_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
+    return _attend(q, k, v), (q, k, v)
+
+
+def _attend_backward(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients, the probabilities recomputed (flash attention's trade: products for memory).
+
+    Every product contracts its left operand's last axis, the form XLA:CPU hands to its fast kernels
+    (YNNPACK): the key and value gradients are computed transposed, from transposed (small) queries and
+    output gradients, behind barriers that keep XLA from folding the transposes back into products that
+    contract the (large) probabilities' query axis. The softmax gradient is cast to the inputs' dtype
+    (bfloat16 products under mixed precision), as flash attention does.
+    """
+    q, k, v = residuals
+    p = _probabilities(q, k)
+    dp = jnp.einsum("cth,csh->cts", d_out, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * np.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype)
+    dq = jnp.einsum("cts,csh->cth", ds, k, preferred_element_type=jnp.float32)
+    barrier = jax.lax.optimization_barrier
+    dk_t = barrier(jnp.einsum("cht,cts->chs", barrier(jnp.swapaxes(q, 1, 2)), ds, preferred_element_type=jnp.float32))
+    dv_t = barrier(jnp.einsum("cht,cts->chs", barrier(jnp.swapaxes(d_out, 1, 2)), p.astype(v.dtype),
+                              preferred_element_type=jnp.float32))
+    return dq.astype(q.dtype), jnp.swapaxes(dk_t, 1, 2).astype(k.dtype), jnp.swapaxes(dv_t, 1, 2).astype(v.dtype)
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
+
+
 class Attention(nn.Module):
     """diffusers' spatial self-attention (`Attention(..., _from_deprecated_attn_block=True)`).
 
     heads = channels // head_dim; the residual is added and the sum divided by rescale_output_factor.
-    The product runs through `jax.nn.dot_product_attention` (softmax in float32; float16 inputs are
-    attended in float32).
+    The product runs through `dot_product_attention` (softmax in float32; float16 inputs are attended
+    in float32).
     """
 
     head_dim: int
@@ -240,6 +328,6 @@ class Attention(nn.Module):
             # float16 logits overflow past 65504, and XLA:CPU has no float16 product with float32
             # accumulation: fp16 (GPUs without bf16, which have no flash attention either) attends in float32.
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation).astype(self.dtype)
+        out = dot_product_attention(q, k, v, self.implementation).astype(self.dtype)
         out = dense(channels, name="to_out_0", **kw)(out.reshape(b, height * width, inner))
         return ((out.reshape(x.shape) + x) / self.rescale_output_factor).astype(self.dtype)

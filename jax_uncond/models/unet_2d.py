@@ -36,7 +36,7 @@ CONFIG_KEYS = (
 )  # fmt: skip
 _TUPLE_KEYS = ("down_block_types", "up_block_types", "block_out_channels")
 CLASS_NAME = "UNet2DModel"
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 
 
 @flax.struct.dataclass

@@ -154,6 +154,11 @@ def _flags() -> list[Flag]:
         F("hub_private_repo", False, "Create the Hub repository as private.", store_true=True, group="logging"),
         F("hub_license", None, "The license in the model card (README.md) of the pipeline folder: a Hub license "
           "id such as apache-2.0, mit or cc-by-4.0.", str, group="logging", pytorch=False),
+        F("logging_steps", 50, "Log the metrics (loss, lr, norms, images/s) every this many optimizer steps; "
+          "non-finite steps are caught at every step whatever this is.", int, group="logging", pytorch=False),
+        F("profile_steps", None, "START:END: write a jax.profiler trace of optimizer steps START to END-1 to "
+          "--logging_dir (open it with TensorBoard's profile plugin or Perfetto). Off by default.", str,
+          group="logging", pytorch=False),
         # --- distributed
         F("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU pods and "
           "SLURM/Open MPI (which are detected).", str, group="distributed", pytorch=False),
@@ -304,6 +309,17 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> An
         parser.error(str(e))
 
 
+def profile_window(spec: str) -> tuple[int, int]:
+    """`--profile_steps START:END` -> (START, END), 0 <= START < END; a ValueError naming the flag otherwise."""
+    try:
+        start, end = (int(part) for part in str(spec).split(":"))
+    except ValueError:
+        start = end = -1
+    if not 0 <= start < end:
+        raise ValueError(f"--profile_steps {spec!r}: expected START:END with 0 <= START < END, e.g. 10:20")
+    return start, end
+
+
 def _given_on_command_line(argv: Sequence[str]) -> set[str]:
     """The flags `argv` sets (parsed again with every default replaced by a marker)."""
     unset = object()
@@ -317,12 +333,14 @@ def validate(config: Any) -> Any:
     """Checks that need no file system or devices; raises ValueError naming the flag."""
     positive = ["resolution", "train_batch_size", "eval_batch_size", "num_epochs", "save_images_epochs",
                 "save_model_epochs", "gradient_accumulation_steps", "ddpm_num_steps", "ddpm_num_inference_steps",
-                "checkpointing_steps", "max_nonfinite_steps"]
+                "checkpointing_steps", "max_nonfinite_steps", "logging_steps"]
     for key in positive + ["max_train_steps", "global_batch_size", "checkpoints_total_limit", "fid_num_samples",
                            "fid_inference_steps", "fid_batch_size"]:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"--{key} must be positive, got {value}")
+    if config.profile_steps is not None:
+        profile_window(config.profile_steps)
     if config.fid_epochs < 0:
         raise ValueError(f"--fid_epochs must be >= 0 (0: no FID), got {config.fid_epochs}")
     if config.dataloader_num_workers < 0:

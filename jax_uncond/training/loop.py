@@ -6,6 +6,7 @@ tests can drive it with a tiny model and in-memory data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -25,6 +27,7 @@ from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
+from jax_uncond.training.profiling import StepProfiler
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
 
@@ -183,8 +186,8 @@ class _Preemption:
 
 
 def _fetch(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict[str, float]]]:
-    """Host copies of the metrics of every pending step (their async copies are usually done)."""
-    out = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+    """Host values of the metrics of every pending step (their async copies are usually done)."""
+    out = [(step, {k: float(np.asarray(v)) for k, v in m.items()}) for step, m in pending]
     pending.clear()
     return out
 
@@ -240,6 +243,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
 
     preemption = _Preemption()
     previous_handler = preemption.install()
+    profiler = StepProfiler(config.profile_steps, os.path.join(config.output_dir, config.logging_dir))
     compiled = None
     throughput = None
     pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -258,26 +262,36 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                                                 mesh.devices.flat[0])
                 figures["compile_s"] = compile_s
                 say(f"train step compiled in {compile_s:.1f}s")
-            with jax.transfer_guard("disallow"):
+            # Metrics come back every --logging_steps; the non-finite counter every step (a read of one number).
+            due = (step + 1) % config.logging_steps == 0 or step + 1 == max_steps
+            profiler.before(step)
+            # An implicit host<->device copy in the call is a bug; the call is alike every step, so checking
+            # logged steps suffices (the guard costs as much as a small step's other host work).
+            with jax.transfer_guard("disallow") if due else contextlib.nullcontext():
                 state, step_metrics = compiled(state, batch)
             step += 1
-            for value in step_metrics.values():
-                value.copy_to_host_async()
+            if due:
+                for value in step_metrics.values():
+                    value.copy_to_host_async()
             done = _fetch(pending)
-            pending.append((step, step_metrics))
+            pending.append((step, step_metrics if due else {"nonfinite_run": step_metrics["nonfinite_run"]}))
             for done_step, values in done:
-                last = values
                 _check_finite(values, done_step, config.max_nonfinite_steps)
-                outputs.log(done_step, values)
+                if len(values) > 1:
+                    last = values
+                    outputs.log(done_step, values)
             if step == start + 2:
                 window, aside = (step, time.perf_counter()), 0.0  # from here on: compile and warm-up excluded
-            elif step > start + 2:
+            elif step > start + 2 and due:
                 figures.update(throughput.report(step - window[0], time.perf_counter() - window[1] - aside))
                 outputs.log(step, figures)
             bar.update(1)
-            bar.set_postfix(epoch=(step - 1) // steps_per_epoch, step=step, loss=f"{last.get('loss', math.nan):.4g}",
-                            lr=f"{last.get('lr', math.nan):.3g}", img_s=f"{figures.get('images_per_s', 0):.1f}",
-                            refresh=False)
+            if due:
+                bar.set_postfix(epoch=(step - 1) // steps_per_epoch, step=step, loss=f"{last.get('loss', math.nan):.4g}",
+                                lr=f"{last.get('lr', math.nan):.3g}", img_s=f"{figures.get('images_per_s', 0):.1f}",
+                                refresh=False)
+            if (line := profiler.after(step, state)) is not None:
+                say(line)
 
             paused = time.perf_counter()
             preempted = preemption.reached(checkpoints, step)
@@ -295,11 +309,15 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 say(f"stopped by SIGTERM at step {step}: checkpoint saved in {checkpoints.path(step)}; "
                     "rerun with --resume_from_checkpoint latest to continue")
                 break
+        if (line := profiler.stop(state)) is not None:  # the run ended inside the window
+            say(line)
         for done_step, values in _fetch(pending):
-            last = values
             _check_finite(values, done_step, config.max_nonfinite_steps)
-            outputs.log(done_step, values)
+            if len(values) > 1:
+                last = values
+                outputs.log(done_step, values)
     finally:
+        profiler.stop()
         bar.close()
         checkpoints.close()
         if previous_handler is not None:

@@ -183,14 +183,18 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
     return train_step
 
 
+def jit_train_step(train_step: StepFn, state: TrainState, batch: dict[str, jax.Array], mesh: Mesh) -> Any:
+    """The step under `jax.jit`: the state donated (updated in place), every array placed on the mesh."""
+    state_sharding = sharding.state_shardings(mesh, state)
+    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_shardings),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)))
+
+
 def compile_train_step(train_step: StepFn, state: TrainState, batch: dict[str, jax.Array],
                        mesh: Mesh) -> tuple[Any, float]:
     """Compile the step ahead of time for these shapes, state donated; returns the executable and
     the seconds compilation took (from the persistent cache when it has the program)."""
-    state_sharding = sharding.state_shardings(mesh, state)
-    batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
-    jitted = jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_shardings),
-                     out_shardings=(state_sharding, sharding.replicated(mesh)))
     start = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
+    compiled = jit_train_step(train_step, state, batch, mesh).lower(state, batch).compile()
     return compiled, time.perf_counter() - start
