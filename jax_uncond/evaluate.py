@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import jax
 
-from jax_uncond import __version__
+from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     setup_logging()
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    xla_flags.apply()
     try:
         result = evaluate(args)
     except UsageError as e:

@@ -1,6 +1,7 @@
 """The project's XLA:CPU options: added to `XLA_FLAGS` before the JAX backend starts.
 
-`apply()` is called by `train_flax.py`, `python -m jax_uncond.sample|export` and the benchmarks
+`apply()` is called by every command (`train_flax.py` / `jax-uncond-train`, `-sample`, `-export`,
+`-evaluate`) and the benchmarks
 (importing `jax_uncond` as a library changes nothing). Each option was measured by
 `benchmarks/bench_xla_flags.py` and checked by the parity tests (docs/benchmarks.md has the figures).
 A flag the user already sets in `XLA_FLAGS` wins; `JAX_UNCOND_XLA_FLAGS=0` adds none. The options
