@@ -74,7 +74,7 @@ class TimedLoader:
 class NoEpochOutputs(RunOutputs):
     """RunOutputs with the end-of-run sample grid and pipeline folder left out (not per-step work)."""
 
-    def epoch_end(self, epoch: int, params, last: bool) -> None:
+    def epoch_end(self, epoch: int, params, last: bool, step: int | None = None) -> None:
         return None
 
 
@@ -88,9 +88,6 @@ class InstantStep:
 
     def __call__(self, state, batch):
         return state, next(self.outputs)
-
-    def cost_analysis(self) -> dict:
-        return {}
 
 
 def clocks() -> tuple[float, float, float]:
@@ -129,7 +126,7 @@ def main() -> None:
     step_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule,
                               StepConfig.from_config(config), step_key, mesh)
     state = jax.jit(make_init_fn(config, model, optimizer, init_key), out_shardings=sharding.replicated(mesh))()
-    compiled, _ = compile_train_step(step_fn, state, batches[0], mesh)
+    compiled, _, lowered = compile_train_step(step_fn, state, batches[0], mesh)
     holder = {"state": state}
     _, sample_metrics = compiled(jax.tree.map(jax.numpy.copy, state), batches[0])
 
@@ -137,7 +134,7 @@ def main() -> None:
         round_config = dataclasses.replace(config, output_dir=os.path.join(out_dir, name))
         loader = TimedLoader(batches, steps_per_epoch=10 * args.steps)
         if instant:
-            loop_module.compile_train_step = lambda *_: (InstantStep(sample_metrics, args.steps), 0.0)
+            loop_module.compile_train_step = lambda *_: (InstantStep(sample_metrics, args.steps), 0.0, lowered)
         try:
             train(round_config, model, scheduler, mesh, loader,
                   NoEpochOutputs(round_config, model, scheduler, mesh), args.batch, None)

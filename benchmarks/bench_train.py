@@ -67,7 +67,7 @@ def jax_runner(config):
     batch = {"images": images}
     step_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule,
                               StepConfig.from_config(config), key, mesh)
-    compiled, compile_s = compile_train_step(step_fn, state, batch, mesh)
+    compiled, compile_s, lowered = compile_train_step(step_fn, state, batch, mesh)
     holder = {"state": state}
 
     def run(steps: int) -> float:
@@ -77,7 +77,7 @@ def jax_runner(config):
         jax.block_until_ready(out)
         return time.perf_counter() - start
 
-    figures = {"compile_s": compile_s, "flops": metrics.step_flops(compiled), "device": mesh.devices.flat[0],
+    figures = {"compile_s": compile_s, "flops": metrics.step_flops(lowered, mesh.size), "device": mesh.devices.flat[0],
                "compiled": compiled}
     return run, figures
 

@@ -257,8 +257,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         while step < max_steps:
             batch = next(iterator)
             if compiled is None:
-                compiled, compile_s = compile_train_step(train_fn, state, batch, mesh)
-                throughput = metrics.Throughput(images_per_step, metrics.step_flops(compiled, k),
+                compiled, compile_s, lowered = compile_train_step(train_fn, state, batch, mesh)
+                throughput = metrics.Throughput(images_per_step, metrics.step_flops(lowered, mesh.size, k),
                                                 mesh.devices.flat[0])
                 figures["compile_s"] = compile_s
                 say(f"train step compiled in {compile_s:.1f}s")
@@ -280,16 +280,15 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 if len(values) > 1:
                     last = values
                     outputs.log(done_step, values)
+                    bar.set_postfix(epoch=(done_step - 1) // steps_per_epoch, step=done_step,
+                                    loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.3g}",
+                                    img_s=f"{figures.get('images_per_s', 0):.1f}", refresh=False)
             if step == start + 2:
                 window, aside = (step, time.perf_counter()), 0.0  # from here on: compile and warm-up excluded
             elif step > start + 2 and due:
                 figures.update(throughput.report(step - window[0], time.perf_counter() - window[1] - aside))
                 outputs.log(step, figures)
             bar.update(1)
-            if due:
-                bar.set_postfix(epoch=(step - 1) // steps_per_epoch, step=step, loss=f"{last.get('loss', math.nan):.4g}",
-                                lr=f"{last.get('lr', math.nan):.3g}", img_s=f"{figures.get('images_per_s', 0):.1f}",
-                                refresh=False)
             if (line := profiler.after(step, state)) is not None:
                 say(line)
 
