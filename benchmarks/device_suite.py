@@ -3,13 +3,17 @@
 what it needs on a bare machine; `--dry-run` runs every part with tiny sizes on a CPU.
 
 Parts, in order (each in its own processes; a part that fails is recorded and the suite goes on):
+  sampling   DDIM 50 steps and DDPM 1000 steps, JAX vs diffusers' loop, batch 64, bf16
+  data       the data loader at 64x64 with as many workers as CPUs, beside PyTorch's DataLoader
   train      the seed example's 64x64 UNet in bf16 at global batch 64: JAX (cold compile, persistent
              cache empty) and PyTorch images/s and JAX's MFU; the JAX step again with the cache filled
              (cached compile time); then the largest batch that fits, from XLA's memory analysis of
-             the batch-64 step (per-image temporaries, fixed state), on both sides
+             the batch-64 step (per-image temporaries, fixed state), on both sides, one timed round
   profile    the JAX step's time by category on the device (`profile_train.py`, cache hit)
-  sampling   DDIM 50 steps and DDPM 1000 steps, JAX vs diffusers' loop, batch 64, bf16
-  data       the data loader at 64x64 with as many workers as CPUs, beside PyTorch's DataLoader
+Each part may use what the parts before it left and keeps `reserve_s` for each part after it: on an
+H200 the two cold compiles of the train part take 90-115 s each, and the train part, first and
+unchecked, once left sampling and data no time.
+`--parts` runs some of them (e.g. `--parts sampling data` to redo those).
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ RESULT = "RESULT"
 REAL = {"preset": "seed64", "precision": "bf16", "batch": 64, "train_steps": 20, "rounds": 3, "max_batch_cap": 1024,
         "sampling": ["--preset", "seed64", "--batch_size", "64", "--precision", "bf16", "--repeats", "1"],
         "samplers": (("ddim", 50), ("ddpm", 1000)),
-        "data": ["--images", "512", "--batch_size", "64", "--batches", "24"], "budget_s": 480}
+        "data": ["--images", "512", "--batch_size", "64", "--batches", "24"], "budget_s": 480,
+        "reserve_s": {"sampling": 110, "data": 40, "train": 290, "profile": 35}}
 DRY = {"preset": "cpu", "precision": "fp32", "batch": 16, "train_steps": 2, "rounds": 1, "max_batch_cap": 32,
        "sampling": ["--preset", "cpu", "--batch_size", "2", "--repeats", "1"], "samplers": (("ddim", 2), ("ddpm", 3)),
-       "data": ["--images", "24", "--batch_size", "4", "--batches", "2"], "budget_s": 900}
+       "data": ["--images", "24", "--batch_size", "4", "--batches", "2"], "budget_s": 900,
+       "reserve_s": {}}
+PARTS = ("sampling", "data", "train", "profile")
 DRY_MEMORY_LIMIT = 2**30
 """On a CPU there is no device memory limit; the dry run sizes its "largest batch" against 1 GiB."""
 
@@ -44,12 +51,12 @@ class Suite:
 
     def __init__(self, sizes: dict, env: dict[str, str]):
         self.sizes, self.env = sizes, env
-        self.deadline = time.monotonic() + sizes["budget_s"]
+        self.deadline = self.part_deadline = time.monotonic() + sizes["budget_s"]
         self.results: dict[str, object] = {}
 
     def run(self, script: str, *args: str, side: bool = False, extra_env: dict | None = None) -> dict:
         """One benchmark process; its JSON (the RESULT line with `side`, else the --json file)."""
-        left = self.deadline - time.monotonic()
+        left = self.part_deadline - time.monotonic()
         if left < 10:
             raise TimeoutError("out of the suite's time budget")
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -64,7 +71,12 @@ class Suite:
             with open(out.name) as f:
                 return json.load(f)
 
-    def part(self, name: str, fn) -> None:
+    def part(self, name: str, fn, parts: list[str]) -> None:
+        """Run part `name` (if chosen), leaving the budget the chosen parts after it reserve."""
+        if name not in parts:
+            return
+        later = parts[parts.index(name) + 1:]
+        self.part_deadline = self.deadline - sum(self.sizes["reserve_s"].get(p, 0) for p in later)
         start = time.monotonic()
         try:
             self.results[name] = fn()
@@ -91,6 +103,7 @@ def train_part(suite: Suite, cache_dir: str, multiple: int) -> dict:
     for label, batch in (("batch", sizes["batch"]), ("largest_batch", None)):
         if batch is None:
             batch = largest_batch(out["batch"]["jax"]["memory"], sizes["batch"], sizes["max_batch_cap"], multiple)
+            common[-1] = "1"  # one timed round: each step is long, and the compile is cold again
         row: dict = {"batch": batch}
         for side in ("jax", "torch"):
             try:
@@ -168,21 +181,25 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, any device (a CPU check of the suite)")
     parser.add_argument("--out", help=f"folder for the JSON and markdown results (default: {RESULTS}; for a dry "
                                        "run a temporary folder)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="run only these parts")
+    parser.add_argument("--budget_s", type=int, help="seconds for the whole suite (default: 480; a dry run 900)")
     args = parser.parse_args()
     out_dir = args.out or (tempfile.mkdtemp(prefix="device_suite_") if args.dry_run else RESULTS)
-    sizes = DRY if args.dry_run else REAL
+    sizes = dict(DRY if args.dry_run else REAL, **({"budget_s": args.budget_s} if args.budget_s else {}))
     env = dict(os.environ)
     cache_dir = tempfile.mkdtemp(prefix="device_suite_xla_cache_")
     platform_name, kind, count, jax_version = device_kind(env).split("|")
     suite = Suite(sizes, env)
     start = time.monotonic()
-    suite.part("train", lambda: train_part(suite, cache_dir, multiple=int(count)))
-    suite.part("profile", lambda: suite.run("profile_train.py", "--preset", sizes["preset"], "--steps", "3",
-                                            "--no_torch", extra_env={"JAX_COMPILATION_CACHE_DIR": cache_dir})["jax"])
+    parts = [p for p in PARTS if p in args.parts]
     suite.part("sampling", lambda: [suite.run("bench_sampling.py", *sizes["sampling"], "--samplers", name,
-                                              "--steps", str(steps)) for name, steps in sizes["samplers"]])
+                                              "--steps", str(steps)) for name, steps in sizes["samplers"]], parts)
     suite.part("data", lambda: suite.run("bench_data.py", *sizes["data"], "--resolutions", "64", "--workers",
-                                         str(os.cpu_count() or 1), "--no_step"))
+                                         str(os.cpu_count() or 1), "--no_step"), parts)
+    suite.part("train", lambda: train_part(suite, cache_dir, multiple=int(count)), parts)
+    suite.part("profile", lambda: suite.run("profile_train.py", "--preset", sizes["preset"], "--steps", "3",
+                                            "--no_torch", extra_env={"JAX_COMPILATION_CACHE_DIR": cache_dir})["jax"],
+               parts)
     report = {"device": kind, "platform": platform_name, "device_count": int(count), "jax": jax_version,
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run,
               "preset": sizes["preset"], "precision": sizes["precision"], "command": " ".join(["benchmarks/device_suite.sh", *sys.argv[1:]]),

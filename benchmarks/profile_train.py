@@ -41,6 +41,8 @@ MOVEMENT_OPS = frozenset({"copy", "transpose", "bitcast", "reshape", "broadcast"
                           "get-tuple-element", "reverse", "iota"})
 OPTIMIZER_SOURCES = ("/optax/", "training/ema.py", "training/optim.py", "training/optimizer.py")
 OPTIMIZER_FUNCTIONS = ("_tree_select",)
+LIBRARY_CALLS = (("conv", "convolution"), ("gemm", "dot"), ("matmul", "dot"), ("fmha", "dot"))
+"""A GPU library call (cuDNN, cuBLAS) counted as the XLA op it stands for: part of its target -> opcode."""
 
 
 # ---- JAX: the optimized HLO, categorised per instruction ------------------------------------------
@@ -70,6 +72,12 @@ def _stack_sources(text: str) -> dict[int, str]:
             for frame, entry in tables["StackFrames"].items()}
 
 
+def _opcodes(opcode: str, line: str) -> set[str]:
+    """The instruction's opcode, and for a library call the opcode it stands for."""
+    target = (re.search(r'custom_call_target="([^"]+)"', line) or [None, ""])[1].lower()
+    return {opcode} | {op for part, op in LIBRARY_CALLS if target and part in target}
+
+
 def categorise_hlo(text: str) -> dict[str, tuple[str, str]]:
     """HLO instruction name -> (category, 'shape op_name'), for every instruction of the module (fusions
     categorised by their body)."""
@@ -83,11 +91,12 @@ def categorise_hlo(text: str) -> dict[str, tuple[str, str]]:
         elif name is not None and (match := _INSTRUCTION.match(line)):
             computations[name].append((match.group(1), match.group(2), line))
     frames = _stack_sources(text)
-    opcodes_of = {comp: {op for _, op, _ in body} for comp, body in computations.items()}
+    opcodes_of = {comp: set().union(*(_opcodes(op, line) for _, op, line in body))
+                  for comp, body in computations.items()}
     categories, ops_of, size_of, users = {}, {}, {}, collections.defaultdict(list)
     for body in computations.values():
         for inst, opcode, line in body:
-            ops = {opcode}
+            ops = _opcodes(opcode, line)
             for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
                 ops |= opcodes_of.get(called, set())
             for operand in re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1].split("),", 1)[0]):

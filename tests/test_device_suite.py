@@ -40,3 +40,23 @@ def test_markdown_table_has_every_part_and_names_failures():
     assert "batch 512 (largest that fits)" in table and "CUDA out of memory" in table
     assert "| sampling DDIM 50 steps, batch 64 | 10.00 img/s | 5.00 img/s | 2.00x |" in table
     assert "- data failed: TimeoutError" in table and "convolution 30.00" in table
+
+
+def test_profile_counts_gpu_library_calls_as_the_ops_they_stand_for():
+    import profile_train
+
+    hlo = "\n".join([
+        "HloModule jit_train_step",
+        "",
+        "ENTRY %main (p: f32[8,64,32,32]) -> f32[8,64,32,32] {",
+        '  %conv = (bf16[8,32,32,64], u8[0]) custom-call(%p), custom_call_target="__cudnn$convForward", '
+        'metadata={op_name="jit(train_step)/FlaxUNet2DModel/conv_in/conv_general_dilated"}',
+        '  %gemm = (bf16[8,256,64], s8[0]) custom-call(%conv), custom_call_target="__cublas$gemm", '
+        'metadata={op_name="jit(train_step)/FlaxUNet2DModel/mid_block/attentions_0/query/dot_general"}',
+        '  ROOT %add = f32[8,64,32,32] add(%p, %p), metadata={op_name="jit(train_step)/FlaxUNet2DModel/add"}',
+        "}",
+    ])
+    categories = profile_train.categorise_hlo(hlo)
+    assert categories["conv"][0] == "convolution"
+    assert categories["gemm"][0] == "attention + linear"
+    assert categories["add"][0] == "elementwise + loss"
