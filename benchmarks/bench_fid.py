@@ -24,6 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jax_uncond import xla_flags  # noqa: E402
+
+xla_flags.apply()  # as jax-uncond-evaluate does: the project's XLA:CPU options, before the backend starts
 import numpy as np  # noqa: E402
 
 RESULT = "RESULT"
