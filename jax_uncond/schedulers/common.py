@@ -246,9 +246,10 @@ ZERO_SNR_ALPHA_BAR = 2.0**-24
 """With rescale_betas_zero_snr, diffusers' sigma schedulers replace alpha_bar_T = 0 (sigma = inf) by this."""
 
 
-def sigma_alphas_cumprod(common: CommonSchedulerState, rescale_betas_zero_snr: bool) -> np.ndarray:
-    """alpha_bar (float32, host) as diffusers' sigma schedulers use it: alpha_bar_T = 2**-24 under zero SNR."""
-    alphas_cumprod = np.array(common.alphas_cumprod, dtype=np.float32)
+def sigma_alphas_cumprod(betas: np.ndarray, rescale_betas_zero_snr: bool) -> np.ndarray:
+    """alpha_bar (float32) as diffusers' sigma schedulers use it: alpha_bar_T = 2**-24 under zero SNR.
+    From the host-side betas, as `CommonSchedulerState.create` computes it: no copy back from the device."""
+    alphas_cumprod = _cumprod(np.float32(1.0) - betas)
     if rescale_betas_zero_snr:
         alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
     return alphas_cumprod

@@ -150,26 +150,24 @@ class FlaxDPMSolverMultistepScheduler(FlaxSchedulerBase):
     ) -> DPMSolverMultistepSchedulerState:
         """A state that samples `shape`-d samples (the history's shape) with `num_inference_steps` steps.
         Host-side: the count fixes array shapes, and the update weights are computed here."""
-        timesteps, sigmas = self._timesteps_and_sigmas(state, num_inference_steps)
+        timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps)
         arrays = self._state_arrays(
             timesteps, sigmas=sigmas, coefficients=self._coefficients(sigmas), step_index=0,
             model_outputs=np.zeros((self._config["solver_order"], *shape), np.float32),
         )  # fmt: skip
         return state.replace(**arrays, num_inference_steps=len(timesteps))
 
-    def _timesteps_and_sigmas(
-        self, state: DPMSolverMultistepSchedulerState, num_inference_steps: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _timesteps_and_sigmas(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """diffusers' `set_timesteps`: int64 timesteps and float32 sigmas (one more: the final sigma)."""
         c = self._config
         num_train = len(self)
-        alphas_cumprod = sigma_alphas_cumprod(state.common, c["rescale_betas_zero_snr"])
+        alphas_cumprod = sigma_alphas_cumprod(self._betas(), c["rescale_betas_zero_snr"])
         lambda_t = np.log(np.sqrt(alphas_cumprod)) - np.log(np.sqrt(np.float32(1) - alphas_cumprod))
         clipped_idx = int(np.searchsorted(lambda_t[::-1], c["lambda_min_clipped"]))
         timesteps = solver_timesteps(
             num_train, num_inference_steps, c["timestep_spacing"], c["steps_offset"], num_train - clipped_idx
         )
-        sigmas = training_sigmas(alphas_cumprod)
+        sigmas = train_sigmas = training_sigmas(alphas_cumprod)
         log_sigmas = np.log(sigmas)
         if c["use_karras_sigmas"] or c["use_lu_lambdas"]:
             if c["use_karras_sigmas"]:
@@ -184,7 +182,7 @@ class FlaxDPMSolverMultistepScheduler(FlaxSchedulerBase):
             timesteps = sigma_to_t(sigmas, log_sigmas)
         else:
             sigmas = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-        sigma_last = training_sigmas(alphas_cumprod[:1])[0] if c["final_sigmas_type"] == "sigma_min" else 0.0
+        sigma_last = train_sigmas[0] if c["final_sigmas_type"] == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
         return timesteps.astype(np.int64), sigmas
 

@@ -57,7 +57,7 @@ class FlaxEulerAncestralDiscreteScheduler(FlaxEulerSchedulerBase):
         unused (no history)."""
         c = self._config
         timesteps = euler_timesteps(len(self), num_inference_steps, c["timestep_spacing"], c["steps_offset"])
-        train_sigmas = training_sigmas(sigma_alphas_cumprod(state.common, c["rescale_betas_zero_snr"]))
+        train_sigmas = training_sigmas(sigma_alphas_cumprod(self._betas(), c["rescale_betas_zero_snr"]))
         sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return self._state(state, timesteps, sigmas, num_inference_steps)

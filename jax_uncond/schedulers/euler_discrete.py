@@ -55,14 +55,14 @@ class FlaxEulerSchedulerBase(FlaxSchedulerBase):
 
     def create_state(self) -> EulerDiscreteSchedulerState:
         """All training timesteps and their sigmas; call `set_timesteps` before `step`."""
-        common = CommonSchedulerState.create(self._betas())
-        sigmas = training_sigmas(sigma_alphas_cumprod(common, self._config["rescale_betas_zero_snr"]))[::-1]
+        betas = self._betas()
+        sigmas = training_sigmas(sigma_alphas_cumprod(betas, self._config["rescale_betas_zero_snr"]))[::-1]
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         arrays = self._state_arrays(
             np.arange(len(self), dtype=np.float32)[::-1], sigmas=sigmas, step_index=0,
             init_noise_sigma=initial_sigma(sigmas, self._config["timestep_spacing"]),
         )  # fmt: skip
-        return EulerDiscreteSchedulerState(common=common, **arrays)
+        return EulerDiscreteSchedulerState(common=CommonSchedulerState.create(betas), **arrays)
 
     def _state(
         self, state: EulerDiscreteSchedulerState, timesteps: np.ndarray, sigmas: np.ndarray, num_inference_steps: int
@@ -84,7 +84,7 @@ class FlaxEulerSchedulerBase(FlaxSchedulerBase):
         """x_0 + sigma_t noise (the variance-exploding forward process these samplers integrate), sigma_t
         interpolated at the (possibly fractional) training `timesteps`."""
         c = self._config
-        sigmas = training_sigmas(sigma_alphas_cumprod(state.common, c["rescale_betas_zero_snr"]))
+        sigmas = training_sigmas(sigma_alphas_cumprod(self._betas(), c["rescale_betas_zero_snr"]))
         sigma = jnp.interp(jnp.asarray(timesteps, jnp.float32), jnp.arange(len(self), dtype=jnp.float32), sigmas)
         return original_samples + noise * sigma.reshape(sigma.shape + (1,) * (original_samples.ndim - 1))
 
@@ -143,7 +143,7 @@ class FlaxEulerDiscreteScheduler(FlaxEulerSchedulerBase):
         `shape` is unused (no history)."""
         c = self._config
         timesteps = euler_timesteps(len(self), num_inference_steps, c["timestep_spacing"], c["steps_offset"])
-        alphas_cumprod = sigma_alphas_cumprod(state.common, c["rescale_betas_zero_snr"])
+        alphas_cumprod = sigma_alphas_cumprod(self._betas(), c["rescale_betas_zero_snr"])
         train_sigmas = training_sigmas(alphas_cumprod)
         log_sigmas = np.log(train_sigmas)
         if c["interpolation_type"] == "linear":

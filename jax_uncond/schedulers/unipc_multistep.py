@@ -145,7 +145,7 @@ class FlaxUniPCMultistepScheduler(FlaxSchedulerBase):
     ) -> UniPCMultistepSchedulerState:
         """A state that samples `shape`-d samples (the history's shape) with `num_inference_steps` steps.
         Host-side: the count fixes array shapes, and the update weights are computed here."""
-        timesteps, sigmas = self._timesteps_and_sigmas(state, num_inference_steps)
+        timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps)
         corrector, predictor = self._coefficients(sigmas)
         arrays = self._state_arrays(
             timesteps, sigmas=sigmas, corrector=corrector, predictor=predictor, step_index=0,
@@ -154,13 +154,11 @@ class FlaxUniPCMultistepScheduler(FlaxSchedulerBase):
         )  # fmt: skip
         return state.replace(**arrays, num_inference_steps=len(timesteps))
 
-    def _timesteps_and_sigmas(
-        self, state: UniPCMultistepSchedulerState, num_inference_steps: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _timesteps_and_sigmas(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """diffusers' `set_timesteps`: int64 timesteps and float32 sigmas (one more: the final sigma)."""
         c = self._config
         timesteps = solver_timesteps(len(self), num_inference_steps, c["timestep_spacing"], c["steps_offset"])
-        alphas_cumprod = sigma_alphas_cumprod(state.common, c["rescale_betas_zero_snr"])
+        alphas_cumprod = sigma_alphas_cumprod(self._betas(), c["rescale_betas_zero_snr"])
         sigmas = training_sigmas(alphas_cumprod)
         respaced = respace_sigmas(c, sigmas[::-1], num_inference_steps, c["sigma_min"], c["sigma_max"])
         if respaced is not None:
