@@ -22,7 +22,7 @@ from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
 from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM, FEATURE_DIM
 from jax_uncond.evaluation.statistics import FeatureStatistics
-from jax_uncond.schedulers.samplers import SAMPLERS
+from jax_uncond.schedulers.samplers import SAMPLERS, checked_sampler, default_steps
 from jax_uncond.training.config import FLAGS, TrainConfig, add_flag
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "cache_dir", "resolution", "center_crop",
@@ -126,6 +126,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{args.pipeline_dir}: not a loadable DDPMPipeline folder ({e})") from e
         size = pipeline.unet.sample_size
         resolution = size if isinstance(size, int) else size[0]
+        steps = args.steps or default_steps(args.scheduler, len(pipeline.scheduler))
+        try:
+            scheduler = checked_sampler(args.scheduler, pipeline.scheduler, steps)
+        except ValueError as e:
+            raise UsageError(f"--scheduler {args.scheduler} with {steps} steps: {e}") from e
     else:
         scored = ImageFolder.scan(args.images, "--images")
         resolution = scored.shapes[0][0]
@@ -137,10 +142,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reference = _reference(args, _config(args, args.resolution or resolution), extractor, weights.sha256, say)
     result: dict[str, Any] = {}
     if args.pipeline_dir is not None:
-        from jax_uncond.schedulers.samplers import default_steps, make_sampler
-
-        scheduler = make_sampler(args.scheduler, pipeline.scheduler.config)
-        steps = args.steps or default_steps(args.scheduler, len(pipeline.scheduler))
         params = sharding.put_replicated(params, mesh)
         features = sample_features(pipeline, params, scheduler, steps, args.num_samples, extractor, args.seed)
         result.update(scheduler=args.scheduler, steps=steps, seed=args.seed)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
-from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
+from jax_uncond.schedulers.samplers import SAMPLERS, checked_sampler, default_steps
 from jax_uncond.training.outputs import image_grid, to_uint8
 
 
@@ -56,9 +56,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     pipeline, params = FlaxDDPMPipeline.from_pretrained(args.pipeline_dir)
     steps = args.steps or default_steps(args.scheduler, len(pipeline.scheduler))
     try:  # the sampler, its schedule and the step count, checked before anything compiles
-        scheduler = None if args.scheduler == "ddpm" else make_sampler(args.scheduler, pipeline.scheduler.config)
-        checked = scheduler or pipeline.scheduler
-        checked.set_timesteps(checked.create_state(), steps)
+        scheduler = checked_sampler(args.scheduler, pipeline.scheduler, steps)
     except ValueError as e:
         parser.error(f"--scheduler {args.scheduler} with {steps} steps: {e}")
     os.makedirs(args.out, exist_ok=True)

@@ -64,14 +64,17 @@ class FidEvaluator:
     def __init__(self, config: Any, model: Any, scheduler: Any, mesh: Mesh, batch_size: int,
                  source: ImageSource | None = None):
         from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
-        from jax_uncond.schedulers.samplers import default_steps, make_sampler
+        from jax_uncond.schedulers.samplers import checked_sampler, default_steps
 
         self.config = config
         if config.fid_num_samples < 2:
             raise UsageError(f"--fid_num_samples {config.fid_num_samples}: FID needs at least 2 samples")
         self.pipeline = FlaxDDPMPipeline(unet=model, scheduler=scheduler)
-        self.scheduler = make_sampler(config.fid_scheduler, scheduler.config)
         self.steps = config.fid_inference_steps or default_steps(config.fid_scheduler, len(scheduler))
+        try:  # at start-up, not at the first evaluation
+            self.scheduler = checked_sampler(config.fid_scheduler, scheduler, self.steps)
+        except ValueError as e:
+            raise UsageError(f"--fid_scheduler {config.fid_scheduler} with {self.steps} steps: {e}") from e
         weights = load_inception_weights(config.inception_weights)
         if weights.note() and jax.process_index() == 0:
             tqdm.write(weights.note())

@@ -66,6 +66,15 @@ def make_sampler(name: str, train_config: Mapping[str, Any]) -> FlaxSchedulerBas
     return sampler.cls.from_config(config)
 
 
+def checked_sampler(name: str, train_scheduler: FlaxSchedulerBase, steps: int) -> FlaxSchedulerBase:
+    """The sampler `name` for a model trained with `train_scheduler` (that one itself for ddpm), its
+    schedule built once for `steps` steps so that a bad option or step count fails (ValueError) before
+    anything compiles."""
+    sampler = train_scheduler if name == "ddpm" else make_sampler(name, train_scheduler.config)
+    sampler.set_timesteps(sampler.create_state(), steps)
+    return sampler
+
+
 def default_steps(name: str, num_train_timesteps: int) -> int:
     """The step count a sampler uses when none is given."""
     return SAMPLERS[name].default_steps or num_train_timesteps

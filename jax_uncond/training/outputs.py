@@ -25,7 +25,7 @@ from jax_uncond.errors import UsageError
 from jax_uncond.model_card import hardware, write_model_card
 from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
 from jax_uncond.schedulers.base import FlaxSchedulerBase
-from jax_uncond.schedulers.samplers import make_sampler
+from jax_uncond.schedulers.samplers import checked_sampler
 from jax_uncond.training.config import TrainConfig, to_dict
 from jax_uncond.training.faults import Survivor
 from jax_uncond.training.uploads import HubUploads
@@ -52,11 +52,9 @@ def eval_scheduler(config: TrainConfig, scheduler: FlaxSchedulerBase) -> FlaxSch
     if config.eval_scheduler == "ddpm":
         return scheduler
     try:
-        sampler = make_sampler(config.eval_scheduler, scheduler.config)
-        sampler.set_timesteps(sampler.create_state(), config.ddpm_num_inference_steps)
+        return checked_sampler(config.eval_scheduler, scheduler, config.ddpm_num_inference_steps)
     except ValueError as e:
         raise UsageError(f"--eval_scheduler {config.eval_scheduler}: {e}") from e
-    return sampler
 
 
 def image_grid(images: np.ndarray) -> Image.Image:
