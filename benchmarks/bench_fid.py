@@ -15,9 +15,7 @@ compile time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -28,8 +26,7 @@ from jax_uncond import xla_flags  # noqa: E402
 
 xla_flags.apply()  # as jax-uncond-evaluate does: the project's XLA:CPU options, before the backend starts
 import numpy as np  # noqa: E402
-
-RESULT = "RESULT"
+from sides import report, run_side  # noqa: E402
 
 
 def images(batch: int, size: int) -> np.ndarray:
@@ -101,7 +98,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print(RESULT, json.dumps(jax_side(args) if args.side == "jax" else torch_side(args)))
+        report(jax_side(args) if args.side == "jax" else torch_side(args))
         return
     argv = sys.argv[1:]
     if args.inception_weights is None:
@@ -112,9 +109,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"jax": [], "torch": []}
     for _ in range(args.processes):
         for side in results:
-            done = subprocess.run([sys.executable, __file__, *argv, "--side", side], check=True, capture_output=True,
-                                  text=True)
-            results[side].append(json.loads(done.stdout.split(RESULT, 1)[1]))
+            results[side].append(run_side([sys.executable, __file__, *argv, "--side", side]))
     best = {side: max(runs, key=lambda r: r["images_per_s"]) for side, runs in results.items()}
     print(f"Inception features of {args.size}x{args.size} uint8 images, batch {args.batch}, float32")
     print(f"jax:   {best['jax']['images_per_s']:.2f} images/s on {best['jax']['where']} "

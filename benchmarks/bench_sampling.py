@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +32,8 @@ from jax_uncond import xla_flags  # noqa: E402
 xla_flags.apply()  # as `python -m jax_uncond.sample` does, before the backend starts
 from jax_uncond.schedulers.samplers import SAMPLERS, make_sampler  # noqa: E402
 from jax_uncond.training.loop import SEED_UNET_CONFIG  # noqa: E402
+from sides import report, run_side  # noqa: E402
 
-RESULT = "RESULT"
 PRESETS = {
     "cpu": dict(unet={"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
                       "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     batch, steps = args.batch_size or preset["batch"], args.steps or preset["steps"]
     if args.side:  # a child: one side, all samplers
         measure = measure_jax if args.side == "jax" else measure_torch
-        print(RESULT, json.dumps(measure(args, batch, steps)))
+        report(measure(args, batch, steps))
         return
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -159,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
     results = {}
     for side in ("jax", "torch"):
-        done = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--side", side, "--folder", folder],
-                              check=True, capture_output=True, text=True)  # fmt: skip
-        results[side] = json.loads(done.stdout.split(RESULT, 1)[1])
+        results[side] = run_side([sys.executable, __file__, *(argv or sys.argv[1:]), "--side", side, "--folder", folder])
     print(f"JAX on {results['jax']['where']}; PyTorch on {results['torch']['where']}")
     print(f"UNet {preset['unet']['block_out_channels']} at {preset['resolution']}x{preset['resolution']}, "
           f"batch {batch}, {steps} steps, {args.precision}")  # fmt: skip

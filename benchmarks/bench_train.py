@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,8 +33,8 @@ from jax_uncond.training.loop import SEED_UNET_CONFIG, build_model, build_schedu
 from jax_uncond.training.optim import make_optimizer  # noqa: E402
 from jax_uncond.training.state import make_init_fn  # noqa: E402
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402
+from sides import SideFailed, report, run_side  # noqa: E402
 
-RESULT = "RESULT"
 
 PRESETS = {
     "cpu": dict(unet={"in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
@@ -214,19 +213,17 @@ def main() -> None:
             metrics.enable_compilation_cache(args.cache_dir)
         if args.cpus:
             pin_cpus(args.cpus, args.side)
-        print(RESULT, json.dumps(measure(args.side, config, unet_config, steps, args.rounds)))
+        report(measure(args.side, config, unet_config, steps, args.rounds))
         return
     # Each side runs in its own process: the two runtimes' CPU thread pools slow each other down.
     sides = ("jax",) if args.no_torch else ("jax", "torch")
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
         for side in sides:
-            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side],
-                                  capture_output=True, text=True)
-            if done.returncode:  # e.g. out of memory at a batch the other side fits: reported, not fatal
-                raise SystemExit(f"{side} side failed (exit {done.returncode}): " + " | ".join(
-                    done.stderr.strip().splitlines()[-3:]))
-            runs[side].append(json.loads(done.stdout.split(RESULT, 1)[1]))
+            try:
+                runs[side].append(run_side([sys.executable, __file__, *sys.argv[1:], "--side", side]))
+            except SideFailed as e:  # e.g. out of memory at a batch the other side fits: one line, no traceback
+                raise SystemExit(f"{side} side failed ({e})") from None
     results = {side: {**rs[0], **{key: statistics.median(r[key] for r in rs) for key in
                                   ("images_per_s", "cpu_ms_per_image", "compile_s", "mfu") if key in rs[0]},
                       "images_per_s_runs": [r["images_per_s"] for r in rs]} for side, rs in runs.items()}

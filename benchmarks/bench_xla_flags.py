@@ -12,14 +12,13 @@ the parity tests, not here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 
+from sides import SideFailed, run_side
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULT = "RESULT"
 NO_YNN = "--xla_cpu_experimental_ynn_fusion_type=-dot,-reduce,-individual_dot,-individual_convolution"
 XLA_DEFAULT = "XLA default"
 VARIANTS = {
@@ -43,10 +42,10 @@ def run_variant(name: str, preset: str, steps: int, cpus: str | None) -> dict:
         env["JAX_UNCOND_XLA_FLAGS"] = "0"
     command = [sys.executable, os.path.join(HERE, "bench_train.py"), "--preset", preset, "--steps", str(steps),
                "--rounds", "2", "--side", "jax"] + (["--cpus", cpus] if cpus else [])
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.split(RESULT, 1)[1])
+    try:
+        return run_side(command, env=env)
+    except SideFailed as e:
+        return {"error": str(e)}
 
 
 def main() -> None:

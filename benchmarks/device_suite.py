@@ -28,9 +28,11 @@ import sys
 import tempfile
 import time
 
+import sides
+from sides import SideFailed, run_side
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-RESULT = "RESULT"
 
 REAL = {"preset": "seed64", "precision": "bf16", "batch": 64, "train_steps": 20, "rounds": 3, "max_batch_cap": 1024,
         "sampling": ["--preset", "seed64", "--batch_size", "64", "--precision", "bf16", "--repeats", "1"],
@@ -55,21 +57,20 @@ class Suite:
         self.results: dict[str, object] = {}
 
     def run(self, script: str, *args: str, side: bool = False, extra_env: dict | None = None) -> dict:
-        """One benchmark process; its JSON (the RESULT line with `side`, else the --json file)."""
+        """One benchmark process; its figures (the RESULT line with `side`, else its --json file)."""
         left = self.part_deadline - time.monotonic()
         if left < 10:
             raise TimeoutError("out of the suite's time budget")
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, os.path.join(HERE, script), *args] + ([] if side else ["--json", out.name])
-            done = subprocess.run(command, env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
-                                  timeout=left)
-            if done.returncode:
-                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-                raise RuntimeError(f"{script} exited {done.returncode}: {tail}")
+        command, env = [sys.executable, os.path.join(HERE, script), *args], {**self.env, **(extra_env or {})}
+        try:
             if side:
-                return json.loads(done.stdout.split(RESULT, 1)[1])
-            with open(out.name) as f:
-                return json.load(f)
+                return run_side(command, env=env, timeout=left)
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                sides.run(command + ["--json", out.name], env=env, timeout=left)
+                with open(out.name) as f:
+                    return json.load(f)
+        except SideFailed as e:
+            raise RuntimeError(f"{script} {e}") from None
 
     def part(self, name: str, fn, parts: list[str]) -> None:
         """Run part `name` (if chosen), leaving the budget the chosen parts after it reserve."""

@@ -25,13 +25,13 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import PRESETS, RESULT, bench_config, jax_runner, pin_cpus, torch_runner  # noqa: E402
+from bench_train import PRESETS, bench_config, jax_runner, pin_cpus, torch_runner  # noqa: E402
+from sides import report, run_side  # noqa: E402
 
 CATEGORIES = ("convolution", "normalisation", "attention + linear", "optimizer + EMA", "elementwise + loss",
               "data movement", "wgrad layouts (XLA)", "host + idle")
@@ -264,16 +264,14 @@ def main() -> None:
     if args.side and args.cpus:
         pin_cpus(args.cpus, args.side)
     if args.side == "jax":
-        print(RESULT, json.dumps(profile_jax(config, args.steps, args.top, args.hlo)))
+        report(profile_jax(config, args.steps, args.top, args.hlo))
         return
     if args.side == "torch":
-        print(RESULT, json.dumps(profile_torch(config, dict(preset["unet"]), args.steps)))
+        report(profile_torch(config, dict(preset["unet"]), args.steps))
         return
     results = {}
     for side in ("jax",) if args.no_torch else ("jax", "torch"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
-                              capture_output=True, text=True)
-        results[side] = json.loads(done.stdout.split(RESULT, 1)[1])
+        results[side] = run_side([sys.executable, __file__, *sys.argv[1:], "--side", side])
     print(f"config {args.preset}: {preset['resolution']}x{preset['resolution']}, batch {preset['batch']}, "
           f"{preset['precision']}, EMA on; {args.steps} profiled steps; ms per step "
           f"(JAX: {results['jax']['ops']} HLO ops" + (f"; PyTorch: {results['torch']['threads']} threads)"
