@@ -57,13 +57,9 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
-def hub_dataset(config: TrainConfig) -> str | None:
-    """--dataset_name when it is a Hub dataset id, for the card's metadata."""
-    return _hub_id(config.dataset_name)
-
-
-def _dataset(config: TrainConfig) -> str:
-    if (hub_id := hub_dataset(config)) is not None:
+def _dataset(config: TrainConfig, hub_id: str | None) -> str:
+    """The dataset line: a link when --dataset_name is a Hub dataset id (`hub_id`)."""
+    if hub_id is not None:
         subset = f" (config `{config.dataset_config_name}`)" if config.dataset_config_name else ""
         return f"[{hub_id}](https://huggingface.co/datasets/{hub_id}){subset}"
     if config.dataset_name is not None:
@@ -94,7 +90,7 @@ def model_card(config: TrainConfig, params: Any, *, grid: str | None = None, ste
     ema = config.use_ema if ema is None else ema
     count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     size = (config.unet or {}).get("sample_size", config.resolution)
-    dataset = hub_dataset(config)
+    dataset = _hub_id(config.dataset_name)  # a Hub dataset id, for the metadata and a link
     data = huggingface_hub.ModelCardData(library_name="diffusers", license=config.hub_license, tags=list(TAGS),
                                          pipeline_tag="unconditional-image-generation",
                                          datasets=None if dataset is None else [dataset],
@@ -123,7 +119,7 @@ def model_card(config: TrainConfig, params: Any, *, grid: str | None = None, ste
         "In JAX, without PyTorch, with jax_uncond installed, on a local copy of the folder: "
         "`jax-uncond-sample FOLDER --num_images 16 --out samples/`.", "",
         "## Training", "",
-        f"- Dataset: {_dataset(config)}",
+        f"- Dataset: {_dataset(config, dataset)}",
     ]
     if config.pretrained_model_name_or_path is not None:
         lines.append(f"- Fine-tuned from: `{config.pretrained_model_name_or_path}`")

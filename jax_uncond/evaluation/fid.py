@@ -79,12 +79,12 @@ class FidEvaluator:
         if weights.note() and jax.process_index() == 0:
             tqdm.write(weights.note())
         self.extractor = InceptionFeatures(weights.params, mesh, config.fid_batch_size or batch_size, config.fid_dims)
-        self.reference, self.reference_name = reference_statistics(config.fid_reference, config, self.extractor,
+        self.reference, reference_name = reference_statistics(config.fid_reference, config, self.extractor,
                                                                    weights.sha256, source)
         if jax.process_index() == 0:
             tqdm.write(f"fid: every {config.fid_epochs} epoch(s), {config.fid_num_samples} samples "
                        f"({config.fid_scheduler}, {self.steps} steps), {config.fid_dims}-d features, against "
-                       f"{self.reference_name}")
+                       f"{reference_name}")
         self.latest: dict[str, Any] | None = None
         """The last evaluation: fid, kid_mean, kid_std, step, num_samples, scheduler, inference_steps, reference."""
         self.best: tuple[float, int] | None = None
@@ -103,8 +103,7 @@ class FidEvaluator:
         fid = values["fid"]
         if self.best is None or fid < self.best[0]:
             self.best = (fid, step)
-        self.latest = {**values, "step": step, "num_samples": len(features), "scheduler": self.config.fid_scheduler,
-                       "inference_steps": self.steps, "reference": self.reference_name}
+        self.latest = values
         kid = ("" if values["kid_mean"] is None
                else f" kid {values['kid_mean']:.4g} ± {values['kid_std']:.2g}")
         tqdm.write(f"step {step}: fid {fid:.4f}{kid}; best fid {self.best[0]:.4f} at step {self.best[1]}")
@@ -117,7 +116,7 @@ class FidEvaluator:
         """The last scores for the model card, named with what they depend on (empty before the first)."""
         if self.latest is None:
             return {}
-        what = f"{self.latest['num_samples']} samples, {self.config.fid_scheduler} {self.steps} steps"
+        what = f"{self.config.fid_num_samples} samples, {self.config.fid_scheduler} {self.steps} steps"
         if self.config.fid_dims != FEATURE_DIM:
             what += f", {self.config.fid_dims}-d features"
         out = {f"FID ({what})": self.latest["fid"]}

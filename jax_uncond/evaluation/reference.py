@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jax_uncond.data.sources import ImageSource
+from jax_uncond.data.transforms import BAD_IMAGE_ERRORS
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures, parallel_rows
 from jax_uncond.evaluation.statistics import FeatureStatistics
@@ -54,7 +55,7 @@ class ImageFolder:
             try:
                 with Image.open(path) as image:
                     shapes.append((image.height, image.width, 3))
-            except OSError as e:
+            except BAD_IMAGE_ERRORS as e:  # as the training loader: every error a broken file raises in PIL
                 logger.warning("skipping %s: not a readable image (%s)", path, e)
                 continue
             paths.append(path)

@@ -19,7 +19,6 @@ import os
 from typing import Any, Callable
 
 FAULTS_ENV = "JAX_UNCOND_FAULTS"
-KINDS = ("save", "grid", "pipeline", "log", "upload")
 
 logger = logging.getLogger(__name__)
 
