@@ -252,6 +252,19 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     aside = 0.0  # seconds spent saving and sampling, kept out of the throughput figures
     figures: dict[str, float] = {}
     bar = tqdm(total=max_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
+
+    def take(done: list[tuple[int, dict[str, float]]]) -> None:
+        """Fetched steps: the non-finite stop checked for each, the metrics of logged ones logged and shown."""
+        nonlocal last
+        for done_step, values in done:
+            _check_finite(values, done_step, config.max_nonfinite_steps)
+            if len(values) > 1:  # a logged step's metrics, not the non-finite counter alone
+                last = values
+                outputs.log(done_step, values)
+                bar.set_postfix(epoch=(done_step - 1) // steps_per_epoch, step=done_step,
+                                loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.3g}",
+                                img_s=f"{figures.get('images_per_s', 0):.1f}", refresh=False)
+
     step = start
     try:
         while step < max_steps:
@@ -270,19 +283,12 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             with jax.transfer_guard("disallow") if due else contextlib.nullcontext():
                 state, step_metrics = compiled(state, batch)
             step += 1
-            if due:
-                for value in step_metrics.values():
-                    value.copy_to_host_async()
+            fetched = step_metrics if due else {"nonfinite_run": step_metrics["nonfinite_run"]}
+            for value in fetched.values():
+                value.copy_to_host_async()
             done = _fetch(pending)
-            pending.append((step, step_metrics if due else {"nonfinite_run": step_metrics["nonfinite_run"]}))
-            for done_step, values in done:
-                _check_finite(values, done_step, config.max_nonfinite_steps)
-                if len(values) > 1:
-                    last = values
-                    outputs.log(done_step, values)
-                    bar.set_postfix(epoch=(done_step - 1) // steps_per_epoch, step=done_step,
-                                    loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.3g}",
-                                    img_s=f"{figures.get('images_per_s', 0):.1f}", refresh=False)
+            pending.append((step, fetched))
+            take(done)
             if step == start + 2:
                 window, aside = (step, time.perf_counter()), 0.0  # from here on: compile and warm-up excluded
             elif step > start + 2 and due:
@@ -297,11 +303,11 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             if checkpoints.should_save(step) or step == max_steps or preempted:
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
-                if fid is not None and fid.due((step - 1) // steps_per_epoch, step == max_steps):  # before the card
-                    outputs.log(step, fid(state.ema_params if config.use_ema else state.params, step))
+                epoch, weights = (step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params
+                if fid is not None and fid.due(epoch, step == max_steps):  # before the card
+                    outputs.log(step, fid(weights, step))
                     outputs.card_metrics.update(fid.card_metrics())
-                outputs.epoch_end((step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params,
-                                  last=step == max_steps, step=step)
+                outputs.epoch_end(epoch, weights, last=step == max_steps, step=step)
             aside += time.perf_counter() - paused
             if preempted:
                 checkpoints.wait()
@@ -310,11 +316,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                 break
         if (line := profiler.stop(state)) is not None:  # the run ended inside the window
             say(line)
-        for done_step, values in _fetch(pending):
-            _check_finite(values, done_step, config.max_nonfinite_steps)
-            if len(values) > 1:
-                last = values
-                outputs.log(done_step, values)
+        take(_fetch(pending))
     finally:
         profiler.stop()
         bar.close()
