@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, TextIO
 
 LIBRARY_LOGS_ENV = "JAX_UNCOND_LIBRARY_LOGS"
 FORMAT = "%(levelname)s: %(message)s"
@@ -59,6 +59,15 @@ def _thread_excepthook(args: Any) -> None:
         logger.warning("background thread %s stopped: %s: %s", name, type(args.exc_value).__name__, args.exc_value)
         return
     threading.__excepthook__(args)
+
+
+def say(message: str, file: TextIO | None = None) -> None:
+    """One line for the user, from process 0 only, above any progress bar (on stdout unless `file`)."""
+    import jax
+    from tqdm import tqdm
+
+    if jax.process_index() == 0:
+        tqdm.write(message, file=file)
 
 
 def setup_logging() -> None:

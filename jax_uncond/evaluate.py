@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 
 from jax_uncond import __version__, xla_flags
-from jax_uncond.console import setup_logging
+from jax_uncond.console import say, setup_logging
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
 from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM, FEATURE_DIM
@@ -87,15 +87,15 @@ def _check(args: argparse.Namespace) -> None:
                          "reference; give one")
 
 
-def _reference(args: argparse.Namespace, config: Any, extractor: InceptionFeatures, weights_sha256: str,
-               say: Any) -> FeatureStatistics:
+def _reference(args: argparse.Namespace, config: Any, extractor: InceptionFeatures,
+               weights_sha256: str) -> FeatureStatistics:
     """--reference (a folder or an .npz), else the dataset of the data flags (the built-in one without them)."""
     from jax_uncond.evaluation.reference import dataset_features, reference_statistics
 
     if args.reference is not None:
         return reference_statistics(args.reference, config, extractor, weights_sha256, flag="--reference")[0]
     if not any(getattr(args, name) for name in ("dataset_name", "train_data_dir")):
-        say("reference: the built-in dataset (no --reference, --dataset_name or --train_data_dir)")
+        say("reference: the built-in dataset (no --reference, --dataset_name or --train_data_dir)", file=sys.stderr)
     from jax_uncond.data.sources import load_source
 
     return FeatureStatistics.from_features(dataset_features(load_source(config)[0], config, extractor))
@@ -116,7 +116,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(e)) from e
     jax.config.update("jax_threefry_partitionable", True)  # the same images whatever the device count
     mesh = sharding.make_mesh()
-    say = (lambda line: print(line, file=sys.stderr)) if jax.process_index() == 0 else (lambda line: None)
     if args.pipeline_dir is not None:  # the cheap checks of what is scored come before any computation
         from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
 
@@ -136,10 +135,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         resolution = scored.shapes[0][0]
     weights = load_inception_weights(args.inception_weights)
     if weights.note():
-        say(weights.note())
+        say(weights.note(), file=sys.stderr)
     batch_size = args.batch_size or PER_DEVICE_BATCH * sharding.data_parallel_size(mesh)
     extractor = InceptionFeatures(weights.params, mesh, batch_size, args.dims)
-    reference = _reference(args, _config(args, args.resolution or resolution), extractor, weights.sha256, say)
+    reference = _reference(args, _config(args, args.resolution or resolution), extractor, weights.sha256)
     result: dict[str, Any] = {}
     if args.pipeline_dir is not None:
         params = sharding.put_replicated(params, mesh)

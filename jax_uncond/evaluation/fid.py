@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jax_uncond.console import say
 from jax_uncond.data.sources import ImageSource
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.features import InceptionFeatures
@@ -76,17 +77,15 @@ class FidEvaluator:
         except ValueError as e:
             raise UsageError(f"--fid_scheduler {config.fid_scheduler} with {self.steps} steps: {e}") from e
         weights = load_inception_weights(config.inception_weights)
-        if weights.note() and jax.process_index() == 0:
-            tqdm.write(weights.note())
+        if weights.note():
+            say(weights.note())
         self.extractor = InceptionFeatures(weights.params, mesh, config.fid_batch_size or batch_size, config.fid_dims)
         self.reference, reference_name = reference_statistics(config.fid_reference, config, self.extractor,
                                                                    weights.sha256, source)
-        if jax.process_index() == 0:
-            tqdm.write(f"fid: every {config.fid_epochs} epoch(s), {config.fid_num_samples} samples "
-                       f"({config.fid_scheduler}, {self.steps} steps), {config.fid_dims}-d features, against "
-                       f"{reference_name}")
+        say(f"fid: every {config.fid_epochs} epoch(s), {config.fid_num_samples} samples ({config.fid_scheduler}, "
+            f"{self.steps} steps), {config.fid_dims}-d features, against {reference_name}")
         self.latest: dict[str, Any] | None = None
-        """The last evaluation: fid, kid_mean, kid_std, step, num_samples, scheduler, inference_steps, reference."""
+        """The last evaluation's scores: fid, kid_mean, kid_std."""
         self.best: tuple[float, int] | None = None
 
     def due(self, epoch: int, last: bool) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jax_uncond.console import say
 from jax_uncond.errors import RunError, UsageError
 from jax_uncond.training import checkpoint as ckpt
 from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
@@ -49,12 +50,6 @@ COMPUTE_DTYPES = {"no": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 class NonFiniteError(RunError):
     """Too many consecutive steps had a non-finite loss or gradient; the run stopped (one line, exit code 1)."""
-
-
-def say(message: str) -> None:
-    """One line for the user, from process 0 only (above the progress bar)."""
-    if jax.process_index() == 0:
-        tqdm.write(message)
 
 
 def unet_config(config: Any) -> dict[str, Any]:
