@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 
@@ -22,6 +22,9 @@ from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.errors import UsageError
 from jax_uncond.model_card import newest_grid, write_model_card
+
+if TYPE_CHECKING:
+    from jax_uncond.training.checkpoint import Checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +48,16 @@ def locate(source: str) -> tuple[str, int, bool]:
     raise UsageError(f"{source}: no such folder")
 
 
-def saved_config(directory: str, step: int) -> Any:
+def saved_config(checkpoints: Checkpoints, step: int) -> Any:
     """The run's TrainConfig as saved in the checkpoint (secrets were never saved)."""
-    from jax_uncond.training import checkpoint as ckpt
     from jax_uncond.training.config import TrainConfig
 
-    saved = ckpt.Checkpoints(directory, every=1, read_only=True).saved_config(step)
+    saved = checkpoints.saved_config(step)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def restore_weights(directory: str, step: int, config: Any, model: Any, ema: bool) -> Any:
+def restore_weights(checkpoints: Checkpoints, step: int, config: Any, model: Any, ema: bool) -> Any:
     """The UNet parameters (EMA or raw) of the checkpoint, on this machine's first device."""
     from jax_uncond.training import checkpoint as ckpt
     from jax_uncond.training import sharding
@@ -65,8 +67,7 @@ def restore_weights(directory: str, step: int, config: Any, model: Any, ema: boo
     optimizer, _ = make_optimizer(config, 1, model)
     shapes = train_state_shapes(config, model, optimizer)
     mesh = sharding.make_mesh(jax.devices()[:1])
-    manager = ckpt.Checkpoints(directory, every=1, read_only=True)
-    state, _, _ = manager.restore(step, ckpt.abstract_state(shapes, mesh))
+    state, _, _ = checkpoints.restore(step, ckpt.abstract_state(shapes, mesh))
     return state.ema_params if ema else state.params
 
 
@@ -87,18 +88,18 @@ def copy_newest_grid(directory: str, step: int, output_dir: str) -> None:
         shutil.copyfile(grid, target)
 
 
-def load(directory: str, step: int, source: str, ema: bool | None) -> tuple[Any, Any, Any, bool]:
+def load(checkpoints: Checkpoints, step: int, source: str, ema: bool | None) -> tuple[Any, Any, Any, bool]:
     """(the run's config, the inference model, parameters, whether they are the EMA) of checkpoint `step`."""
     from jax_uncond.training.loop import build_model
 
-    config = saved_config(directory, step)
+    config = saved_config(checkpoints, step)
     if ema and not config.use_ema:
         raise UsageError(f"--ema: the run of {source} kept no EMA (it ran without --use_ema); use --no-ema")
     ema = config.use_ema if ema is None else ema
     inference = dataclasses.replace(config, mixed_precision="no", gradient_checkpointing=False,
                                     enable_xformers_memory_efficient_attention=False)
     model = build_model(inference)
-    return config, model, restore_weights(directory, step, inference, model, ema), ema
+    return config, model, restore_weights(checkpoints, step, inference, model, ema), ema
 
 
 def export(source: str, output_dir: str, ema: bool | None = None) -> str:
@@ -112,7 +113,7 @@ def export(source: str, output_dir: str, ema: bool | None = None) -> str:
     directory, newest, fallback = locate(source)
     checkpoints = ckpt.Checkpoints(directory, every=1, read_only=True)
     step, (config, model, params, ema), failures = ckpt.first_restorable(
-        checkpoints, newest, fallback, lambda s: load(directory, s, source, ema), source)
+        checkpoints, newest, fallback, lambda s: load(checkpoints, s, source, ema), source)
     for _, error in failures:
         logger.warning("%s; exporting an older checkpoint", error)
     FlaxDDPMPipeline(unet=model, scheduler=build_scheduler(config)).save_pretrained(output_dir, {"unet": params})

@@ -220,4 +220,4 @@ def test_failed_save_exits_1_and_the_earlier_checkpoints_still_resume(workspace,
     from jax_uncond import export
 
     for step in (10, 20):
-        export.load(directory, step, str(output_dir), None)  # restores
+        export.load(ckpt.Checkpoints(directory, 1, read_only=True), step, str(output_dir), None)  # restores
