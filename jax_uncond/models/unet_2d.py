@@ -213,16 +213,21 @@ class FlaxUNet2DModel(nn.Module):
             pretrained_model_name_or_path, subfolder=subfolder, cache_dir=cache_dir, revision=revision,
             variant=variant, token=token, local_files_only=local_files_only,
         )
+        model = cls.from_config(cls.read_config(config_path), dtype=dtype, param_dtype=param_dtype, **kwargs)
+        template = jax.eval_shape(model.init_weights, jax.random.key(0))
+        state_dict = pytorch_io.load_state_dict(weights_path)
+        params = pytorch_io.params_from_state_dict(state_dict, template, source=str(weights_path))
+        return model, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+
+    @staticmethod
+    def read_config(config_path: str | os.PathLike) -> dict[str, Any]:
+        """A diffusers `config.json`; ValueError if it is not JSON or describes another model class."""
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
         class_name = config.get("_class_name", CLASS_NAME)
         if class_name != CLASS_NAME:
             raise ValueError(f"{config_path} describes a {class_name}, not a {CLASS_NAME}")
-        model = cls.from_config(config, dtype=dtype, param_dtype=param_dtype, **kwargs)
-        template = jax.eval_shape(model.init_weights, jax.random.key(0))
-        state_dict = pytorch_io.load_state_dict(weights_path)
-        params = pytorch_io.params_from_state_dict(state_dict, template, source=str(weights_path))
-        return model, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+        return config
 
     def save_pretrained(self, save_directory: str | os.PathLike, params: dict, is_main_process: bool = True) -> None:
         """Write diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (float32 tensors).

@@ -29,7 +29,7 @@ import numpy as np
 
 from jax_uncond.errors import UsageError
 from jax_uncond.models import pytorch_io
-from jax_uncond.models.unet_2d import CLASS_NAME as UNET_CLASS_NAME, FlaxUNet2DModel
+from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.pipelines.ddpm import MODEL_INDEX_NAME, PIPELINE_CLASSES
 from jax_uncond.schedulers import FlaxDDPMScheduler
 from jax_uncond.schedulers.base import SCHEDULER_CONFIG_NAME
@@ -224,11 +224,12 @@ def _check_pipeline(index: dict[str, Any]) -> None:
 
 
 def _unet_config(path: Path) -> dict[str, Any]:
-    config = _read_json(path)
-    class_name = config.get("_class_name", UNET_CLASS_NAME)
-    if class_name != UNET_CLASS_NAME:
-        raise UsageError(f"{FLAG}: {path} describes a {class_name}, not a {UNET_CLASS_NAME}")
-    return config
+    try:
+        return FlaxUNet2DModel.read_config(path)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{FLAG}: {path} is not valid JSON ({e})") from e
+    except ValueError as e:  # another model class
+        raise UsageError(f"{FLAG}: {e}") from e
 
 
 def _with_scheduler(config: TrainConfig, source: Source, say: Callable[[str], None]) -> tuple[TrainConfig, str]:
