@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from jax_uncond.errors import UsageError
+from jax_uncond.models import pytorch_io
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -64,17 +65,14 @@ def torch_key(path: tuple[str, ...]) -> tuple[str, Callable[[np.ndarray], np.nda
 
 def params_from_state_dict(state_dict: dict[str, np.ndarray], template: Any, source: str) -> dict:
     """pytorch-fid's Inception state dict -> Flax params shaped like `template`; every mismatch listed at once."""
-    expected = {torch_key(path)[0]: path for path in traverse_util.flatten_dict(template)}
-    flat_template = traverse_util.flatten_dict(template)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(k for k in set(state_dict) - set(expected) if not IGNORED_KEYS.search(k))
-    flat, misshaped = {}, []
-    for key in sorted(set(expected) & set(state_dict)):
-        path = expected[key]
-        value = torch_key(path)[1](np.asarray(state_dict[key], np.float32))
-        if value.shape != tuple(flat_template[path].shape):
-            misshaped.append(f"{key} {tuple(state_dict[key].shape)}")
-        flat[path] = np.ascontiguousarray(value)
+    expected = {}
+    for path, leaf in traverse_util.flatten_dict(template).items():
+        key, to_flax = torch_key(path)
+        expected[key] = (path, lambda x, f=to_flax: np.ascontiguousarray(f(np.asarray(x, np.float32))),
+                         tuple(leaf.shape))
+    flat, missing, unexpected, misshaped = pytorch_io.match_state_dict(
+        state_dict, expected, ignored=lambda key: bool(IGNORED_KEYS.search(key)))
+    misshaped = [f"{key} {tuple(state_dict[key].shape)}" for key in misshaped]
     if missing or unexpected or misshaped:
         parts = [f"{title} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))

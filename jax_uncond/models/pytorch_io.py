@@ -17,7 +17,7 @@ import math
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,27 +153,47 @@ def _rename_legacy(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return renamed
 
 
+class Matched(NamedTuple):
+    """A state dict matched against the tensors a model expects: the converted flat Flax params, and the
+    keys missing from the file, in it but not expected, and converted to another shape than expected."""
+
+    flat: dict[tuple[str, ...], np.ndarray]
+    missing: list[str]
+    unexpected: list[str]
+    misshaped: list[str]
+
+
+def match_state_dict(state_dict: Mapping[str, np.ndarray],
+                     expected: Mapping[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray], tuple[int, ...]]],
+                     ignored: Callable[[str], bool] = lambda key: False) -> Matched:
+    """Every tensor `expected` names (state-dict key -> (Flax path, layout conversion, Flax shape)) converted,
+    and every mismatch found (keys that are `ignored` are not unexpected); the callers word the error."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(k for k in set(state_dict) - set(expected) if not ignored(k))
+    flat, misshaped = {}, []
+    for key in sorted(set(expected) & set(state_dict)):
+        path, to_flax, shape = expected[key]
+        value = to_flax(state_dict[key])
+        if value.shape != shape:
+            misshaped.append(key)
+        flat[path] = value
+    return Matched(flat, missing, unexpected, misshaped)
+
+
 def params_from_state_dict(state_dict: dict[str, np.ndarray], template: Any, source: str = "state dict") -> dict:
     """diffusers state dict -> Flax params shaped like `template` (a pytree of arrays or ShapeDtypeStructs).
 
     Raises WeightMismatchError listing every missing, unexpected and mis-shaped tensor.
     """
     state_dict = _rename_legacy(state_dict)
-    flat_template = traverse_util.flatten_dict(template)
-    expected = {}
-    for path, leaf in flat_template.items():
+    rules, expected = {}, {}
+    for path, leaf in traverse_util.flatten_dict(template).items():
         key, rule = torch_key(path, len(leaf.shape))
-        expected[key] = (path, rule, tuple(leaf.shape))
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    flat, misshaped = {}, []
-    for key in sorted(set(expected) & set(state_dict)):
-        path, rule, shape = expected[key]
-        value = rule.to_flax(np.asarray(state_dict[key]))
-        if value.shape != shape:
-            torch_shape = tuple(rule.to_torch(np.empty(shape, np.bool_)).shape)
-            misshaped.append(f"{key}: file has {tuple(state_dict[key].shape)}, config needs {torch_shape}")
-        flat[path] = value
+        rules[key] = rule
+        expected[key] = (path, lambda x, rule=rule: rule.to_flax(np.asarray(x)), tuple(leaf.shape))
+    flat, missing, unexpected, misshaped = match_state_dict(state_dict, expected)
+    misshaped = [f"{key}: file has {tuple(state_dict[key].shape)}, config needs "
+                 f"{tuple(rules[key].to_torch(np.empty(expected[key][2], np.bool_)).shape)}" for key in misshaped]
     if missing or unexpected or misshaped:
         lines = [f"{source} does not match the UNet2DModel config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
