@@ -6,7 +6,7 @@ absl records below ERROR (Orbax logs through absl: "Given directory is read only
 previous save to complete took ..."), absl errors that carry a traceback (Orbax logs every failure it
 also raises, and the run reports the raised exception in one line), and asyncio's "exception was never
 retrieved" (the sibling reads or writes of a checkpoint operation that already failed). An OSError
-that ends a background thread (e.g. TensorBoard's writer on a full disk) is one line instead of a
+that ends a background thread (a library's writer or uploader on a full disk) is one line instead of a
 traceback. `JAX_UNCOND_LIBRARY_LOGS=1` shows everything, for debugging.
 """
 
