@@ -1,7 +1,7 @@
 """Host-loop overhead: the real `train()` loop against the bare compiled step, per step.
 
 A UNet small enough that its step takes about a millisecond on a CPU trains for --steps steps in
-`jax_uncond.training.loop.train` (metrics fetch, non-finite check, TensorBoard logging every
+`jax_uncond.run.loop.train` (metrics fetch, non-finite check, TensorBoard logging every
 --logging_steps, progress bar, throughput report, checkpoint and epoch checks; sampling and saving
 stay out: no epoch ends inside the window, checkpoints are due only after it), and then the same
 compiled program runs as a bare `for` loop over the same batches. Rounds alternate (loop, bare, loop,
@@ -32,12 +32,14 @@ xla_flags.apply()  # as train_flax.py does
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_uncond.training import metrics, sharding  # noqa: E402
+from jax_uncond.training import sharding  # noqa: E402
+
+from jax_uncond.run import metrics  # noqa: E402
 from jax_uncond.training.config import parse_args  # noqa: E402
-from jax_uncond.training import loop as loop_module  # noqa: E402
-from jax_uncond.training.loop import build_model, build_scheduler, train  # noqa: E402
+from jax_uncond.run import loop as loop_module  # noqa: E402
+from jax_uncond.run.loop import build_model, build_scheduler, train  # noqa: E402
 from jax_uncond.training.optim import make_optimizer  # noqa: E402
-from jax_uncond.training.outputs import RunOutputs  # noqa: E402
+from jax_uncond.run.outputs import RunOutputs  # noqa: E402
 from jax_uncond.training.state import make_init_fn  # noqa: E402
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402
 

@@ -31,7 +31,7 @@ from jax_uncond import xla_flags  # noqa: E402
 
 xla_flags.apply()  # as `python -m jax_uncond.sample` does, before the backend starts
 from jax_uncond.schedulers.samplers import SAMPLERS, make_sampler  # noqa: E402
-from jax_uncond.training.loop import SEED_UNET_CONFIG  # noqa: E402
+from jax_uncond.run.loop import SEED_UNET_CONFIG  # noqa: E402
 from sides import report, run_side  # noqa: E402
 
 PRESETS = {

@@ -27,9 +27,11 @@ xla_flags.apply()  # as train_flax.py does: the project's XLA:CPU options, befor
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_uncond.training import metrics, sharding  # noqa: E402
+from jax_uncond.training import sharding  # noqa: E402
+
+from jax_uncond.run import metrics  # noqa: E402
 from jax_uncond.training.config import parse_args  # noqa: E402
-from jax_uncond.training.loop import SEED_UNET_CONFIG, build_model, build_scheduler  # noqa: E402
+from jax_uncond.run.loop import SEED_UNET_CONFIG, build_model, build_scheduler  # noqa: E402
 from jax_uncond.training.optim import make_optimizer  # noqa: E402
 from jax_uncond.training.state import make_init_fn  # noqa: E402
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step  # noqa: E402

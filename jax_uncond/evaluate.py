@@ -107,7 +107,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from jax_uncond.evaluation.inception_weights import load_inception_weights
     from jax_uncond.evaluation.reference import ImageFolder
     from jax_uncond.evaluation.statistics import scores
-    from jax_uncond.training import distributed, sharding
+    from jax_uncond.training import sharding
+    from jax_uncond.run import distributed
 
     _check(args)
     try:

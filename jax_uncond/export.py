@@ -24,7 +24,7 @@ from jax_uncond.errors import UsageError
 from jax_uncond.model_card import newest_grid, write_model_card
 
 if TYPE_CHECKING:
-    from jax_uncond.training.checkpoint import Checkpoints
+    from jax_uncond.run.checkpoint import Checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 def locate(source: str) -> tuple[str, int, bool]:
     """(checkpoints directory, step, whether older checkpoints may stand in) for a checkpoint folder
     or a run's output folder (its newest checkpoint, and the older ones when that cannot be restored)."""
-    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.run import checkpoint as ckpt
 
     if os.path.isdir(ckpt.checkpoints_dir(source)):
         found = ckpt.resolve_resume("latest", source)
@@ -59,7 +59,7 @@ def saved_config(checkpoints: Checkpoints, step: int) -> Any:
 
 def restore_weights(checkpoints: Checkpoints, step: int, config: Any, model: Any, ema: bool) -> Any:
     """The UNet parameters (EMA or raw) of the checkpoint, on this machine's first device."""
-    from jax_uncond.training import checkpoint as ckpt
+    from jax_uncond.run import checkpoint as ckpt
     from jax_uncond.training import sharding
     from jax_uncond.training.optim import make_optimizer
     from jax_uncond.training.state import train_state_shapes
@@ -74,8 +74,8 @@ def restore_weights(checkpoints: Checkpoints, step: int, config: Any, model: Any
 def copy_newest_grid(directory: str, step: int, output_dir: str) -> None:
     """The run's newest sample grid into output_dir/samples/, for the model card, when `step` is the run's
     newest checkpoint (an older checkpoint's weights did not draw it)."""
-    from jax_uncond.training import checkpoint as ckpt
-    from jax_uncond.training.outputs import SAMPLES_DIR
+    from jax_uncond.run import checkpoint as ckpt
+    from jax_uncond.run.outputs import SAMPLES_DIR
 
     run_dir = os.path.dirname(os.path.abspath(directory))
     grid = newest_grid(os.path.join(run_dir, SAMPLES_DIR))
@@ -90,7 +90,7 @@ def copy_newest_grid(directory: str, step: int, output_dir: str) -> None:
 
 def load(checkpoints: Checkpoints, step: int, source: str, ema: bool | None) -> tuple[Any, Any, Any, bool]:
     """(the run's config, the inference model, parameters, whether they are the EMA) of checkpoint `step`."""
-    from jax_uncond.training.loop import build_model
+    from jax_uncond.run.loop import build_model
 
     config = saved_config(checkpoints, step)
     if ema and not config.use_ema:
@@ -106,9 +106,9 @@ def export(source: str, output_dir: str, ema: bool | None = None) -> str:
     """Writes the DDPMPipeline folder of `source`'s checkpoint, with its model card, to `output_dir`;
     returns a one-line summary."""
     from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
-    from jax_uncond.training import checkpoint as ckpt
-    from jax_uncond.training.loop import build_scheduler
-    from jax_uncond.training.outputs import SAMPLES_DIR
+    from jax_uncond.run import checkpoint as ckpt
+    from jax_uncond.run.loop import build_scheduler
+    from jax_uncond.run.outputs import SAMPLES_DIR
 
     directory, newest, fallback = locate(source)
     checkpoints = ckpt.Checkpoints(directory, every=1, read_only=True)

@@ -18,7 +18,7 @@ from PIL import Image
 from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
 from jax_uncond.schedulers.samplers import SAMPLERS, checked_sampler, default_steps
-from jax_uncond.training.outputs import image_grid, to_uint8
+from jax_uncond.run.outputs import image_grid, to_uint8
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

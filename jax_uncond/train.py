@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0])
     config = parse_args(argv, prog)
     xla_flags.apply()
-    from jax_uncond.training.loop import run
+    from jax_uncond.run.loop import run
 
     try:
         run(config)

@@ -40,7 +40,7 @@ def tiny_config(output_dir: str, *flags: str, **overrides: Any) -> Any:
 
 
 def build_parts(config: Any) -> tuple[Any, Any]:
-    from jax_uncond.training.loop import build_model, build_scheduler
+    from jax_uncond.run.loop import build_model, build_scheduler
 
     return build_model(config), build_scheduler(config)
 

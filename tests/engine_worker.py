@@ -20,9 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine_parts import ArrayLoader, RecordingOutputs, build_parts, host_state, tiny_config  # noqa: E402
-from jax_uncond.training import checkpoint as ckpt  # noqa: E402
-from jax_uncond.training import distributed, metrics, pretrained  # noqa: E402
-from jax_uncond.training.loop import train  # noqa: E402
+from jax_uncond.run import checkpoint as ckpt  # noqa: E402
+from jax_uncond.run import distributed, metrics, pretrained  # noqa: E402
+from jax_uncond.run.loop import train  # noqa: E402
 from jax_uncond.training.sharding import make_mesh  # noqa: E402
 
 

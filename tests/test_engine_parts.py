@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import distributed, metrics
+from jax_uncond.run import checkpoint as ckpt
+from jax_uncond.run import distributed, metrics
 from jax_uncond.training.sharding import make_mesh
 from jax_uncond.training.step import StepConfig, diffusion_loss
 
@@ -186,7 +186,7 @@ def test_frozen_fourier_weights_are_never_updated():
 
 def test_resolution_must_divide_by_the_unet_downsampling():
     from jax_uncond.errors import UsageError
-    from jax_uncond.training.loop import check_resolution
+    from jax_uncond.run.loop import check_resolution
 
     model = SimpleNamespace(config={"block_out_channels": (32, 64, 64)})
     check_resolution(SimpleNamespace(resolution=16), model)
@@ -195,7 +195,7 @@ def test_resolution_must_divide_by_the_unet_downsampling():
 
 
 def test_default_unet_is_the_seed_example_at_the_resolution():
-    from jax_uncond.training.loop import unet_config
+    from jax_uncond.run.loop import unet_config
 
     config = SimpleNamespace(unet=None, model_config_name_or_path=None, resolution=32)
     unet = unet_config(config)
@@ -226,7 +226,7 @@ def test_train_state_round_trips_through_a_checkpoint(tmp_path, use_ema, fp16):
 
 
 def test_xformers_flag_means_cudnn_flash_attention_only_where_it_runs(monkeypatch):
-    from jax_uncond.training import loop
+    from jax_uncond.run import loop
 
     def config(flag, precision):
         return SimpleNamespace(enable_xformers_memory_efficient_attention=flag, mixed_precision=precision)

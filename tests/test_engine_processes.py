@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine_parts import assert_state_close
-from jax_uncond.training import checkpoint as ckpt
+from jax_uncond.run import checkpoint as ckpt
 
 WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
 STEPS = ["--max_train_steps", "6", "--checkpointing_steps", "2"]

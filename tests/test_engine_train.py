@@ -11,10 +11,10 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from engine_parts import ArrayLoader, RecordingOutputs, assert_state_close, build_parts, host_state, tiny_config
-from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import metrics
+from jax_uncond.run import checkpoint as ckpt
+from jax_uncond.run import metrics
 from jax_uncond.errors import RunError
-from jax_uncond.training.loop import NonFiniteError, train
+from jax_uncond.run.loop import NonFiniteError, train
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import train_state_shapes
 from jax_uncond.training.sharding import make_mesh

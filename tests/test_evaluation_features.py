@@ -18,7 +18,7 @@ from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.pipelines.ddpm import FlaxDDPMPipeline
 from jax_uncond.schedulers import FlaxDDPMScheduler
 from jax_uncond.schedulers.samplers import make_sampler
-from jax_uncond.training.outputs import to_uint8
+from jax_uncond.run.outputs import to_uint8
 from jax_uncond.training.sharding import batch_sharding, make_mesh, replicated
 
 BATCH = 4  # per comparison call

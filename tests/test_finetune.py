@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from finetune_parts import PRETRAIN_STEPS, SCHEDULE_FLAGS, one_torch_thread, unet_tensors
-from jax_uncond.training import pretrained
+from jax_uncond.run import pretrained
 from jax_uncond.training.config import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_fine_tunes_from(pretrained_sources, tmp_path, capsys, monkeypatch, layo
 
 def test_accelerate_checkpoint_without_save_hook_loads_its_state_dict(pretrained_sources):
     """accelerate's bare `model.safetensors` (DDP's `module.` prefixes) with the run's UNet config."""
-    from jax_uncond.training.loop import build_model
+    from jax_uncond.run.loop import build_model
 
     unet_config = pretrained_sources["pipeline"] / "unet" / "config.json"
     config = parse_args(["--pretrained_model_name_or_path", str(pretrained_sources["checkpoint_bare"]),

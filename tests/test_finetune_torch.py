@@ -17,9 +17,9 @@ import pytest
 from engine_parts import ArrayLoader, RecordingOutputs, build_parts
 from finetune_parts import PRETRAIN, PRETRAIN_STEPS, SCHEDULE, SCHEDULE_FLAGS, one_torch_thread, pytorch_step
 from jax_uncond.models import pytorch_io
-from jax_uncond.training import pretrained
+from jax_uncond.run import pretrained
 from jax_uncond.training.config import parse_args
-from jax_uncond.training.loop import train
+from jax_uncond.run.loop import train
 from jax_uncond.training.sharding import make_mesh
 
 STEPS = 200

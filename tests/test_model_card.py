@@ -47,7 +47,7 @@ def test_card_preset_reproduces_the_run(tmp_path):
     """The folded block is every flag of the run as YAML: `--config` on it gives the same config back."""
     config = parse_args(["--config", "quickstart", "--hub_token", SECRET, "--learning_rate", "3e-4",
                          "--random_flip", "--snr_gamma", "5"])
-    from jax_uncond.training.loop import build_model
+    from jax_uncond.run.loop import build_model
 
     config = config.__class__(**{**vars(config), "unet": build_model(config).config})  # as the run saves it
     text = str(mc.model_card(config, PARAMS))

@@ -10,7 +10,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from jax_uncond.errors import UsageError
-from jax_uncond.training import outputs as out
+from jax_uncond.run import outputs as out
 from jax_uncond.training.config import parse_args
 
 SECRET = "hf_SECRETtokenTHATmustNEVERleak"
@@ -224,7 +224,7 @@ def test_failed_upload_is_retried_then_names_the_way_out(tmp_path, fake_pipeline
     command that uploads the folder by hand is named, and the summary counts the failed upload."""
     import huggingface_hub
 
-    from jax_uncond.training import uploads
+    from jax_uncond.run import uploads
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda *a, **k: type("R", (), {"repo_id": "me/run"}))
     monkeypatch.setattr(uploads, "RETRY_DELAYS_S", (0.0, 0.0))

@@ -43,7 +43,7 @@ def test_flag_table_lists_every_flag():
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
 def test_preset_unet_builds(path):
     """The UNet each preset trains: its config resolves and initialises (shapes only, no compute)."""
-    from jax_uncond.training.loop import build_model
+    from jax_uncond.run.loop import build_model
 
     config = cfg.parse_args(["--config", path])
     model = build_model(config)

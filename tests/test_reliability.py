@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import checkpoint_files, faults, run_lock
+from jax_uncond.run import checkpoint as ckpt
+from jax_uncond.run import checkpoint_files, faults, run_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_UNET = ('{"_class_name": "UNet2DModel", "sample_size": 8, "layers_per_block": 1, "block_out_channels": [32, 64], '

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from jax_uncond import console
-from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import checkpoint_files, faults, run_lock, uploads
+from jax_uncond.run import checkpoint as ckpt
+from jax_uncond.run import checkpoint_files, faults, run_lock, uploads
 from jax_uncond.training.sharding import make_mesh, replicated
 
 
@@ -293,7 +293,7 @@ def test_library_chatter_is_filtered_and_our_warnings_are_not(capsys, monkeypatc
         absl.exception("Save Finalize thread failed.")  # Orbax logs what it also raises
     absl.error("Failed to json parse Metadata file: /x\nfile content ...")
     logging.getLogger("asyncio").error("Task exception was never retrieved")
-    logging.getLogger("jax_uncond.training.checkpoint").warning("could not restore /x/checkpoint_30: ...")
+    logging.getLogger("jax_uncond.run.checkpoint").warning("could not restore /x/checkpoint_30: ...")
     err = capsys.readouterr().err
     assert err.splitlines() == ["ERROR: Failed to json parse Metadata file: /x",
                                 "WARNING: could not restore /x/checkpoint_30: ..."], err

@@ -15,7 +15,7 @@ from jax_uncond import (
 )
 from jax_uncond.errors import UsageError
 from jax_uncond.schedulers.samplers import SAMPLERS, default_steps, make_sampler
-from jax_uncond.training import outputs as out
+from jax_uncond.run import outputs as out
 from jax_uncond.training.config import parse_args
 
 EXPECTED = {

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
 from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM, FEATURE_DIM, FIDInceptionV3, preprocess
-from jax_uncond.training.outputs import host_params
+from jax_uncond.run.outputs import host_params
 from jax_uncond.training.sharding import batch_sharding, data_parallel_size, put_replicated, replicated
 
 ReadRows = Callable[[np.ndarray], np.ndarray]

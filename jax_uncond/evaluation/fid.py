@@ -26,7 +26,7 @@ from jax_uncond.evaluation.inception import FEATURE_DIM
 from jax_uncond.evaluation.inception_weights import load_inception_weights
 from jax_uncond.evaluation.reference import reference_statistics
 from jax_uncond.evaluation.statistics import FeatureStatistics, scores
-from jax_uncond.training.outputs import to_uint8
+from jax_uncond.run.outputs import to_uint8
 from jax_uncond.training.sharding import batch_sharding
 
 FID_SEED_SALT = 0xF1D

@@ -89,7 +89,7 @@ def dataset_features(source: ImageSource, config: Any, extractor: InceptionFeatu
     """Features of every image of the training `source` once, as the training loader prepares it (--resolution,
     the crop of its first epoch, no flip), quantised back to uint8 (exact for 8-bit sources)."""
     from jax_uncond.data.loader import LoadExample, transform_spec
-    from jax_uncond.training.outputs import to_uint8
+    from jax_uncond.run.outputs import to_uint8
 
     load = LoadExample(source, dataclasses.replace(transform_spec(config), random_flip=False), config.seed)
 

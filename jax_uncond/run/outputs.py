@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from jax_uncond.errors import UsageError
 from jax_uncond.model_card import hardware, write_model_card
-from jax_uncond.training.checkpoint import CHECKPOINTS_SUBDIR
+from jax_uncond.run.checkpoint import CHECKPOINTS_SUBDIR
 from jax_uncond.schedulers.base import FlaxSchedulerBase
 from jax_uncond.schedulers.samplers import checked_sampler
 from jax_uncond.training.config import TrainConfig, to_dict
-from jax_uncond.training.faults import Survivor
-from jax_uncond.training.uploads import HubUploads
+from jax_uncond.run.faults import Survivor
+from jax_uncond.run.uploads import HubUploads
 
 RUN_NAME = "train_unconditional"
 """The tracker's run name, as in diffusers' script: TensorBoard events go to output_dir/logging_dir/RUN_NAME."""
@@ -117,7 +117,7 @@ class _Tracker:
 
             self._run = wandb.init(project=RUN_NAME, dir=logdir, config=to_dict(config))
         else:
-            from jax_uncond.training.tensorboard import EventWriter  # SummaryWriter's files, written in this thread
+            from jax_uncond.run.tensorboard import EventWriter  # SummaryWriter's files, written in this thread
 
             self._writer = EventWriter(os.path.join(logdir, RUN_NAME))
             self._writer.add_text("config", "```\n" + json.dumps(to_dict(config), indent=2) + "\n```", 0)

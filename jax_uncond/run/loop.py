@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from jax_uncond.console import say
 from jax_uncond.errors import RunError, UsageError
-from jax_uncond.training import checkpoint as ckpt
-from jax_uncond.training import distributed, metrics, pretrained, run_lock, sharding
+from jax_uncond.run import checkpoint as ckpt
+from jax_uncond.training import sharding
+from jax_uncond.run import distributed, metrics, pretrained, run_lock
 from jax_uncond.training.config import to_dict
 from jax_uncond.training.optim import make_optimizer
-from jax_uncond.training.profiling import StepProfiler
+from jax_uncond.run.profiling import StepProfiler
 from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
 from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
 
@@ -136,7 +137,7 @@ def run(config: Any) -> None:
 def _run(config: Any, joined: str) -> None:
     cache_dir = metrics.enable_compilation_cache()
     from jax_uncond.data.loader import make_train_loader
-    from jax_uncond.training.outputs import RunOutputs
+    from jax_uncond.run.outputs import RunOutputs
 
     mesh = sharding.make_mesh()
     resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)

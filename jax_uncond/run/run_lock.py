@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jax_uncond.errors import UsageError
-from jax_uncond.training.outputs import output_dir_check
+from jax_uncond.run.outputs import output_dir_check
 
 LOCK_NAME = ".jax_uncond_run.lock"
 HEARTBEAT_S = 10.0

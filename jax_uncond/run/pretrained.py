@@ -33,7 +33,7 @@ from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.pipelines.ddpm import MODEL_INDEX_NAME, PIPELINE_CLASSES
 from jax_uncond.schedulers import FlaxDDPMScheduler
 from jax_uncond.schedulers.base import SCHEDULER_CONFIG_NAME
-from jax_uncond.training import checkpoint as ckpt
+from jax_uncond.run import checkpoint as ckpt
 from jax_uncond.training.config import TrainConfig
 from jax_uncond.training.state import StartWeights
 

@@ -32,8 +32,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jax_uncond.errors import RunError, UsageError
-from jax_uncond.training import checkpoint_files, sharding
-from jax_uncond.training.faults import fail_if_injected
+from jax_uncond.training import sharding
+from jax_uncond.run import checkpoint_files
+from jax_uncond.run.faults import fail_if_injected
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 STEP_PREFIX = "checkpoint"

@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import Sequence
 
-from jax_uncond.training.faults import fail_if_injected
+from jax_uncond.run.faults import fail_if_injected
 
 RETRY_DELAYS_S = (5.0, 30.0, 120.0)
 """Seconds to wait before the 2nd, 3rd and 4th attempt of an upload."""
