@@ -59,7 +59,6 @@ def saved_config(checkpoints: Checkpoints, step: int) -> Any:
 
 def restore_weights(checkpoints: Checkpoints, step: int, config: Any, model: Any, ema: bool) -> Any:
     """The UNet parameters (EMA or raw) of the checkpoint, on this machine's first device."""
-    from jax_uncond.run import checkpoint as ckpt
     from jax_uncond.training import sharding
     from jax_uncond.training.optim import make_optimizer
     from jax_uncond.training.state import train_state_shapes
@@ -67,7 +66,7 @@ def restore_weights(checkpoints: Checkpoints, step: int, config: Any, model: Any
     optimizer, _ = make_optimizer(config, 1, model)
     shapes = train_state_shapes(config, model, optimizer)
     mesh = sharding.make_mesh(jax.devices()[:1])
-    state, _, _ = checkpoints.restore(step, ckpt.abstract_state(shapes, mesh))
+    state, _, _ = checkpoints.restore(step, sharding.abstract_state(shapes, mesh))
     return state.ema_params if ema else state.params
 
 

@@ -108,8 +108,10 @@ class RecordingOutputs:
 
 def host_state(state: Any) -> dict[str, np.ndarray]:
     """Every leaf of a TrainState as numpy, keyed by its path (for exact comparisons)."""
-    def fetch(leaf: Any) -> np.ndarray:  # replicated: any one shard is the whole value
-        return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    def fetch(leaf: Any) -> np.ndarray:  # across processes the state is replicated: any one shard is the whole
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(leaf.addressable_data(0))
+        return np.asarray(leaf)
 
     leaves = jax.tree_util.tree_leaves_with_path(state)
     return {jax.tree_util.keystr(path): fetch(leaf) for path, leaf in leaves}

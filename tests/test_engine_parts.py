@@ -14,13 +14,14 @@ import torch.nn.functional as F
 
 from jax_uncond.run import checkpoint as ckpt
 from jax_uncond.run import distributed, metrics
+from jax_uncond.training import sharding
 from jax_uncond.training.sharding import make_mesh
 from jax_uncond.training.step import StepConfig, diffusion_loss
 
 
 def small_state(mesh, value=1.0):
-    return {"w": jax.device_put(jnp.full((4, 3), value), ckpt.sharding.replicated(mesh)),
-            "step": jax.device_put(jnp.asarray(7), ckpt.sharding.replicated(mesh))}
+    return {"w": jax.device_put(jnp.full((4, 3), value), sharding.replicated(mesh)),
+            "step": jax.device_put(jnp.asarray(7), sharding.replicated(mesh))}
 
 
 def save(output_dir, steps, mesh, keep=None):
@@ -46,7 +47,7 @@ def test_resume_latest_skips_a_partial_save_and_keeps_the_limit(tmp_path):
     assert ckpt.resolve_resume("latest", str(tmp_path)) == (directory, 3)
     one = make_mesh(jax.devices()[:1])
     state, loader, config = ckpt.Checkpoints(directory, 1, read_only=True).restore(
-        3, ckpt.abstract_state(jax.eval_shape(lambda: small_state(one)), one))
+        3, sharding.abstract_state(jax.eval_shape(lambda: small_state(one)), one))
     assert loader == {"position": 3} and config == {"seed": 0}
     np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0))
     assert state["w"].sharding.mesh.devices.size == 1
@@ -69,8 +70,8 @@ def test_resume_from_a_non_checkpoint_is_an_error(tmp_path, bad):
 def test_restore_failure_is_an_error_not_a_fresh_start(tmp_path):
     mesh = make_mesh(jax.devices()[:1])
     save(tmp_path, [1], mesh)
-    wrong = {"w": jax.ShapeDtypeStruct((5, 3), jnp.float32, sharding=ckpt.sharding.replicated(mesh)),
-             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=ckpt.sharding.replicated(mesh))}
+    wrong = {"w": jax.ShapeDtypeStruct((5, 3), jnp.float32, sharding=sharding.replicated(mesh)),
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))}
     with pytest.raises(ckpt.CheckpointError, match="could not restore"):
         ckpt.Checkpoints(ckpt.checkpoints_dir(tmp_path), 1, read_only=True).restore(1, wrong)
 
@@ -213,12 +214,12 @@ def test_train_state_round_trips_through_a_checkpoint(tmp_path, use_ema, fp16):
     mesh = make_mesh(jax.devices()[:2])
     params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
     state = jax.jit(lambda: create_train_state(params, optax.adamw(1e-3), use_ema, fp16),
-                    out_shardings=ckpt.sharding.replicated(mesh))()
+                    out_shardings=sharding.replicated(mesh))()
     checkpoints = ckpt.Checkpoints(str(tmp_path), 1)
     checkpoints.save(1, state, {"position": 1}, {"use_ema": use_ema})
     checkpoints.close()
     restored, _, _ = ckpt.Checkpoints(str(tmp_path), 1, read_only=True).restore(
-        1, ckpt.abstract_state(jax.eval_shape(lambda: state), mesh))
+        1, sharding.abstract_state(jax.eval_shape(lambda: state), mesh))
     assert (restored.ema_params is None) == (not use_ema)
     assert float(restored.loss_scale) == (65536.0 if fp16 else 1.0)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -231,8 +232,18 @@ def test_xformers_flag_means_cudnn_flash_attention_only_where_it_runs(monkeypatc
     def config(flag, precision):
         return SimpleNamespace(enable_xformers_memory_efficient_attention=flag, mixed_precision=precision)
 
-    assert loop.attention_implementation(config(True, "bf16")) is None  # this CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert loop.attention_implementation(config(True, "bf16")) == "cudnn"
-    assert loop.attention_implementation(config(True, "fp16")) is None  # fp16 attends in float32
-    assert loop.attention_implementation(config(False, "bf16")) is None
+    mesh = make_mesh()
+    assert loop.attention_implementation(config(True, "bf16"), mesh) is None  # these CPUs: their usual attention
+    monkeypatch.setattr(sharding, "platform", lambda mesh: "gpu")
+    assert loop.attention_implementation(config(True, "bf16"), mesh) == "cudnn"
+    assert loop.attention_implementation(config(True, "fp16"), mesh) is None  # fp16 attends in float32
+    assert loop.attention_implementation(config(False, "bf16"), mesh) is None
+
+
+def test_the_attention_follows_the_mesh_devices_not_the_default_backend(monkeypatch):
+    mesh = make_mesh()
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # never consulted
+    assert sharding.attention_on(mesh) == sharding.attention_on(mesh, "cudnn") == "blocked"
+    assert sharding.attention_on(mesh, "xla") == "xla"
+    monkeypatch.setattr(sharding, "platform", lambda mesh: "gpu")
+    assert sharding.attention_on(mesh) == "xla" and sharding.attention_on(mesh, "cudnn") == "cudnn"

@@ -17,6 +17,7 @@ from jax_uncond.errors import RunError
 from jax_uncond.run.loop import NonFiniteError, train
 from jax_uncond.training.optim import make_optimizer
 from jax_uncond.training.state import train_state_shapes
+from jax_uncond.training import sharding
 from jax_uncond.training.sharding import make_mesh
 
 
@@ -82,7 +83,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     model, _ = build_parts(config)
     optimizer, _ = make_optimizer(config, 6, model)
     shapes = train_state_shapes(config, model, optimizer)
-    restored = {s: host_state(checkpoints.restore(s, ckpt.abstract_state(shapes, mesh))[0]) for s in (2, 4, 6)}
+    restored = {s: host_state(checkpoints.restore(s, sharding.abstract_state(shapes, mesh))[0]) for s in (2, 4, 6)}
     assert int(restored[2][".nonfinite_total"]) == 1 and int(restored[2][".ema_step"]) == 1
     assert int(restored[6][".nonfinite_total"]) == 4 and int(restored[6][".nonfinite_run"]) == 3
     for key, value in restored[6].items():

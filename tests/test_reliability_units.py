@@ -18,6 +18,7 @@ import pytest
 from jax_uncond import console
 from jax_uncond.run import checkpoint as ckpt
 from jax_uncond.run import checkpoint_files, faults, run_lock, uploads
+from jax_uncond.training import sharding
 from jax_uncond.training.sharding import make_mesh, replicated
 
 
@@ -32,7 +33,7 @@ def state_of(mesh, value):
 
 
 def target(mesh):
-    return ckpt.abstract_state(jax.eval_shape(lambda: state_of(mesh, 0.0)), mesh)
+    return sharding.abstract_state(jax.eval_shape(lambda: state_of(mesh, 0.0)), mesh)
 
 
 def save(directory, steps, mesh, keep=None):

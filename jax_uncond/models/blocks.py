@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from jax_uncond.models.layers import (
     Attention,
@@ -42,6 +43,7 @@ class BlockArgs:
     dropout: float
     deterministic: bool
     attention_implementation: str | None
+    mesh: Mesh | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -66,6 +68,7 @@ class BlockArgs:
             eps=self.eps,
             rescale_output_factor=rescale,
             implementation=self.attention_implementation,
+            mesh=self.mesh,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh, PartitionSpec as P
 
 Dtype = Any
 
@@ -225,15 +226,22 @@ ATTENTION_LOGITS_BYTES = 2**21
 """The float32 logits one step of the blocked attention holds (2 MiB: about what a CPU core keeps in cache)."""
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None,
+                          mesh: Mesh | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v over (batch, tokens, heads, head_dim), logits and softmax in float32.
 
-    `implementation`: "blocked" (None on a CPU), else `jax.nn.dot_product_attention`'s ("xla", "cudnn",
-    or None: XLA's).
+    `implementation`: "blocked" (run per device of `mesh`, the batch split over its axes), else
+    `jax.nn.dot_product_attention`'s ("xla", "cudnn", or None: XLA's). The program that runs the model picks
+    it for its devices (`training.sharding.attention_on`).
     """
-    if implementation == "blocked" or (implementation is None and jax.default_backend() == "cpu"):
+    if implementation != "blocked":
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if mesh is None or mesh.size == 1:
         return blocked_attention(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    # Per device: the groups of (batch, head) pairs are formed from the device's own rows, so the batch stays
+    # split (over the whole mesh, a `lax.map` over groups of the global batch gathered it on every device).
+    rows = P(mesh.axis_names)
+    return jax.shard_map(blocked_attention, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)(q, k, v)
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -306,6 +314,7 @@ class Attention(nn.Module):
     eps: float = 1e-6
     rescale_output_factor: float = 1.0
     implementation: str | None = None
+    mesh: Mesh | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -328,6 +337,6 @@ class Attention(nn.Module):
             # float16 logits overflow past 65504, and XLA:CPU has no float16 product with float32
             # accumulation: fp16 (GPUs without bf16, which have no flash attention either) attends in float32.
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = dot_product_attention(q, k, v, self.implementation).astype(self.dtype)
+        out = dot_product_attention(q, k, v, self.implementation, self.mesh).astype(self.dtype)
         out = dense(channels, name="to_out_0", **kw)(out.reshape(b, height * width, inner))
         return ((out.reshape(x.shape) + x) / self.rescale_output_factor).astype(self.dtype)

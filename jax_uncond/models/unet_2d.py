@@ -1,8 +1,8 @@
 """FlaxUNet2DModel: diffusers' UNet2DModel in flax.linen, with the same config keys and weights.
 
 The module's fields are exactly diffusers' `UNet2DModel` config keys (same defaults and meaning) plus
-four non-config fields: `dtype` (computation), `param_dtype`, `gradient_checkpointing` and
-`attention_implementation`. Inputs and outputs are NCHW like diffusers; inside the network is NHWC.
+five non-config fields: `dtype` (computation), `param_dtype`, `gradient_checkpointing`,
+`attention_implementation` and `mesh` (the devices a program runs it on: `training.sharding.on_mesh`). Inputs and outputs are NCHW like diffusers; inside the network is NHWC.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models import pytorch_io
@@ -94,6 +95,7 @@ class FlaxUNet2DModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     gradient_checkpointing: bool = False
     attention_implementation: str | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self) -> None:
         for key in _TUPLE_KEYS:
@@ -154,7 +156,7 @@ class FlaxUNet2DModel(nn.Module):
         """Build from a diffusers config dict; `_`-prefixed keys are metadata, other unknown keys warn."""
         merged = {k: v for k, v in config.items() if not k.startswith("_")}
         merged.update(kwargs)
-        allowed = set(CONFIG_KEYS) | {"dtype", "param_dtype", "gradient_checkpointing", "attention_implementation"}
+        allowed = set(CONFIG_KEYS) | {"dtype", "param_dtype", "gradient_checkpointing", "attention_implementation", "mesh"}
         unknown = sorted(set(merged) - allowed)
         if unknown:
             warnings.warn(f"UNet2DModel config keys {unknown} are not UNet2DModel arguments and are ignored", stacklevel=2)
@@ -274,7 +276,7 @@ class FlaxUNet2DModel(nn.Module):
         args = BlockArgs(
             eps=self.norm_eps, act_fn=self.act_fn, groups=self.norm_num_groups,
             time_embedding_norm=self.resnet_time_scale_shift, dropout=self.dropout, deterministic=not train,
-            attention_implementation=self.attention_implementation, **kw,
+            attention_implementation=self.attention_implementation, mesh=self.mesh, **kw,
         )  # fmt: skip
 
         if self.center_input_sample:

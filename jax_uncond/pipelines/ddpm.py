@@ -26,7 +26,7 @@ from jax_uncond.diffusers_format import DIFFUSERS_VERSION
 from jax_uncond.models.unet_2d import FlaxUNet2DModel
 from jax_uncond.schedulers import FlaxDDIMScheduler
 from jax_uncond.schedulers.base import FlaxSchedulerBase, scheduler_classes
-from jax_uncond.training.sharding import batch_sharding, make_mesh, replicated
+from jax_uncond.training.sharding import batch_sharding, make_mesh, on_mesh, replicated
 
 MODEL_INDEX_NAME = "model_index.json"
 PIPELINE_CLASSES = ("DDPMPipeline", "DDIMPipeline")
@@ -163,10 +163,16 @@ class FlaxDDPMPipeline:
         """`batch_size` images over every device of `mesh` (of every process): a global NHWC jax.Array in [0, 1]
         split over the batch and never gathered (FID sampling). `params` live on `mesh` (replicated); the jitted
         sampler places the host-side scheduler state and `rng` itself (also across processes)."""
-        shape = self._latent_shape(batch_size)
-        state = _scheduler_state(scheduler, num_inference_steps, shape)
-        sampler, _ = _build_sampler(self.unet, scheduler, shape, 0.0, False, tuple(mesh.devices.flat))
+        sampler, state = self.mesh_sampler(batch_size, num_inference_steps, scheduler, mesh)
         return sampler(params["unet"], state, rng)
+
+    def mesh_sampler(self, batch_size: int, num_inference_steps: int, scheduler: Scheduler,
+                     mesh: Mesh) -> tuple[Any, Any]:
+        """The jitted sampler `sample_on_mesh` calls, `(unet params, scheduler state, rng) -> images`, and the
+        scheduler state it takes (also what `jax_uncond.plan` compiles for a TPU slice)."""
+        shape = self._latent_shape(batch_size)
+        sampler, _ = _build_sampler(self.unet, scheduler, shape, 0.0, False, tuple(mesh.devices.flat))
+        return sampler, _scheduler_state(scheduler, num_inference_steps, shape)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.unet.sample_size
@@ -204,9 +210,10 @@ def _build_sampler(
 
     unet_params, scheduler state and rng are replicated; latents and images are split over the batch.
     Random numbers do not depend on the sharding (jax_threefry_partitionable), so the device count
-    does not change the images.
+    does not change the images. The UNet's attention follows the mesh's devices (`on_mesh`).
     """
     mesh = make_mesh(mesh_devices)
+    unet = on_mesh(unet, mesh)
     batch = batch_sharding(mesh)
     step_kwargs = {"eta": eta} if isinstance(scheduler, FlaxDDIMScheduler) else {}
 

@@ -29,10 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from jax_uncond.errors import RunError, UsageError
-from jax_uncond.training import sharding
 from jax_uncond.run import checkpoint_files
 from jax_uncond.run.faults import fail_if_injected
 
@@ -322,8 +320,3 @@ def restore_resume(resume: tuple[str, int], resume_from_checkpoint: str, run_che
             logger.warning("%s; kept as %s (never deleted) and resuming from an older checkpoint", error, kept)
     return source, step, restored
 
-
-def abstract_state(state_shapes: Any, mesh: Mesh) -> Any:
-    """`jax.ShapeDtypeStruct`s carrying the current mesh's shardings: the restore target."""
-    shardings = sharding.state_shardings(mesh, state_shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)

@@ -25,13 +25,13 @@ from tqdm import tqdm
 from jax_uncond.console import say
 from jax_uncond.errors import RunError, UsageError
 from jax_uncond.run import checkpoint as ckpt
-from jax_uncond.training import sharding
 from jax_uncond.run import distributed, metrics, pretrained, run_lock
-from jax_uncond.training.config import to_dict
-from jax_uncond.training.optim import make_optimizer
 from jax_uncond.run.profiling import StepProfiler
-from jax_uncond.training.state import TrainState, make_init_fn, train_state_shapes
-from jax_uncond.training.step import StepConfig, compile_train_step, make_train_step
+from jax_uncond.training import sharding
+from jax_uncond.training.config import TrainConfig, to_dict
+from jax_uncond.training.program import train_program
+from jax_uncond.training.state import TrainState
+from jax_uncond.training.step import compile_train_step
 
 if TYPE_CHECKING:
     from jax_uncond.evaluation.fid import FidEvaluator
@@ -74,26 +74,29 @@ def unet_config(config: Any) -> dict[str, Any]:
         return json.load(f)
 
 
-def attention_implementation(config: Any) -> str | None:
+def attention_implementation(config: TrainConfig, mesh: Mesh | None = None) -> str | None:
     """`--enable_xformers_memory_efficient_attention`: cuDNN flash attention where it runs (NVIDIA GPUs,
-    bfloat16), else XLA's attention (None); the PyTorch script's xformers is likewise opt-in."""
+    bfloat16), else XLA's attention; None (the flag off) leaves the choice to the devices of the program that
+    runs the model (`sharding.attention_on`: XLA's, blocked on CPUs). The PyTorch script's xformers is likewise
+    opt-in."""
     if not config.enable_xformers_memory_efficient_attention:
         return None
-    if jax.default_backend() == "gpu" and config.mixed_precision == "bf16":
+    if mesh is not None and sharding.platform(mesh) == "gpu" and config.mixed_precision == "bf16":
         return "cudnn"
-    say("--enable_xformers_memory_efficient_attention: cuDNN flash attention needs an NVIDIA GPU and "
-        "--mixed_precision bf16; using XLA's attention")
+    say("--enable_xformers_memory_efficient_attention: cuDNN flash attention needs NVIDIA GPUs and "
+        "--mixed_precision bf16; using these devices' usual attention")
     return None
 
 
-def build_model(config: Any) -> Any:
-    """The Flax UNet in the run's compute dtype (parameters stay float32); a bad config is a usage error."""
+def build_model(config: TrainConfig, mesh: Mesh | None = None) -> Any:
+    """The Flax UNet in the run's compute dtype (parameters stay float32), its attention as the flag asks for
+    `mesh`'s devices; a bad config is a usage error."""
     from jax_uncond.models.unet_2d import FlaxUNet2DModel
 
     try:
         model = FlaxUNet2DModel.from_config(unet_config(config), dtype=COMPUTE_DTYPES[config.mixed_precision],
                                             gradient_checkpointing=config.gradient_checkpointing,
-                                            attention_implementation=attention_implementation(config))
+                                            attention_implementation=attention_implementation(config, mesh))
     except ValueError as e:
         raise UsageError(f"the UNet config ({config.model_config_name_or_path or 'preset or default'}): {e}") from e
     return model
@@ -142,7 +145,7 @@ def _run(config: Any, joined: str) -> None:
     mesh = sharding.make_mesh()
     resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     config, source = pretrained.prepare(config, resume, say)
-    model = build_model(config)
+    model = build_model(config, mesh)
     start = None if source is None else pretrained.load(source, model, config)
     # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
     config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
@@ -206,21 +209,17 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
                          f"{batch_size * k}; lower --train_batch_size or --gradient_accumulation_steps")
     max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    optimizer, schedule = make_optimizer(config, max_steps, model)
-    init_key, step_key = jax.random.split(jax.random.key(config.seed))
-    init_state = make_init_fn(config, model, optimizer, init_key)
-    shapes = train_state_shapes(config, model, optimizer)
-    state_sharding = sharding.state_shardings(mesh, shapes)
+    program = train_program(config, model, scheduler, mesh, max_steps)
     checkpoints = ckpt.Checkpoints(ckpt.checkpoints_dir(config.output_dir), config.checkpointing_steps,
                                    config.checkpoints_total_limit)
     if resume is None:
-        state = jax.jit(init_state, out_shardings=state_sharding)(None if start is None else start.weights)
+        state = program.fresh_state(None if start is None else start.weights)
         why = ("no checkpoint in the output folder yet" if config.resume_from_checkpoint == "latest"
                else "--resume_from_checkpoint not given")
         say(start.line if start is not None else f"start: fresh initialisation (seed {config.seed}; {why})")
     else:
         source, resume_step, (state, loader_state, _) = ckpt.restore_resume(
-            resume, config.resume_from_checkpoint, checkpoints, ckpt.abstract_state(shapes, mesh))
+            resume, config.resume_from_checkpoint, checkpoints, program.abstract_state())
         loader.set_state(loader_state)
         say(f"start: resuming from {source.path(resume_step)} at step {resume_step} "
             f"(epoch {resume_step // steps_per_epoch}, {resume_step % steps_per_epoch} batches into it)")
@@ -228,9 +227,6 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
     if start >= max_steps:
         say(f"nothing to do: the checkpoint is at step {start}, and the run ends at step {max_steps}")
 
-    step_config = StepConfig.from_config(config)
-    train_fn = make_train_step(model, scheduler, scheduler.create_state(), optimizer, schedule, step_config,
-                               step_key, mesh)
     iterator: Iterator = iter(loader)
     images_per_step = batch_size * k
     say(f"{loader.num_examples} images, {steps_per_epoch} steps/epoch of {images_per_step} images "
@@ -266,7 +262,7 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
         while step < max_steps:
             batch = next(iterator)
             if compiled is None:
-                compiled, compile_s, lowered = compile_train_step(train_fn, state, batch, mesh)
+                compiled, compile_s, lowered = compile_train_step(program.step, state, batch, mesh)
                 throughput = metrics.Throughput(images_per_step, metrics.step_flops(lowered, mesh.size, k),
                                                 mesh.devices.flat[0])
                 figures["compile_s"] = compile_s
@@ -299,7 +295,8 @@ def train(config: Any, model: Any, scheduler: Any, mesh: Mesh, loader: Any, outp
             if checkpoints.should_save(step) or step == max_steps or preempted:
                 checkpoints.save(step, state, loader.get_state(), to_dict(config))
             if step % steps_per_epoch == 0 or step == max_steps:
-                epoch, weights = (step - 1) // steps_per_epoch, state.ema_params if config.use_ema else state.params
+                epoch = (step - 1) // steps_per_epoch
+                weights = sharding.gathered(state.ema_params if config.use_ema else state.params, mesh)
                 if fid is not None and fid.due(epoch, step == max_steps):  # before the card
                     outputs.log(step, fid(weights, step))
                     outputs.card_metrics.update(fid.card_metrics())

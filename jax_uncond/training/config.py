@@ -20,6 +20,7 @@ import yaml
 from jax_uncond import __version__
 from jax_uncond.evaluation.inception import BLOCK_INDEX_BY_DIM
 from jax_uncond.schedulers.samplers import SAMPLERS
+from jax_uncond.training.sharding import SHARD_STATE_MODES
 
 SECRET_KEYS = frozenset({"hub_token"})
 """Config keys that never reach logs, saved configs, checkpoints or uploads."""
@@ -166,6 +167,10 @@ def _flags() -> list[Flag]:
           pytorch=False),
         F("process_id", None, "This process's index, with --coordinator_address.", int, group="distributed",
           pytorch=False),
+        F("shard_state", "replicated", "Where the train state lives: replicated on every device (plain data "
+          "parallelism); optimizer: AdamW's moments and the EMA split over the devices (ZeRO-1/2); full: the "
+          "parameters too (FSDP). Same training either way; checkpoints restore across modes (docs/training.md).",
+          str, SHARD_STATE_MODES, group="distributed", pytorch=False),
         # --- evaluation (docs/evaluation.md)
         F("fid_epochs", 0, "Compute FID and KID of the EMA weights (the raw ones without --use_ema) every this many "
           "epochs and at the end; 0: off.", int, group="evaluation", pytorch=False),
@@ -282,8 +287,13 @@ def load_preset(path: str) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
     """Parse the command line (and its `--config` preset) into a frozen `TrainConfig`."""
+    return parse_with(build_parser(prog), argv)[0]
+
+
+def parse_with(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Parse with `build_parser`'s parser extended by a command's own flags (`jax-uncond-plan`): the
+    `TrainConfig` of the training flags (and preset), and the values of the other flags by name."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [a for a in parser._option_string_actions if a.startswith("--")]
@@ -298,13 +308,15 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> An
             parser.error(str(e))
         parser.set_defaults(**{k: v for k, v in preset.items() if k not in PRESET_ONLY_KEYS})
         args = parser.parse_args(argv)
-    values = vars(args)
+    names = {f.name for f in FLAGS}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    others = {k: v for k, v in vars(args).items() if k not in names}
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         values["local_rank"] = env_rank
     explicit = tuple(sorted((set(preset) - PRESET_ONLY_KEYS) | _given_on_command_line(argv)))
     try:
-        return validate(TrainConfig(**values, unet=preset.get("unet"), explicit_flags=explicit))
+        return validate(TrainConfig(**values, unet=preset.get("unet"), explicit_flags=explicit)), others
     except ValueError as e:
         parser.error(str(e))
 

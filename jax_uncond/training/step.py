@@ -95,8 +95,15 @@ def _tree_select(pred: jnp.ndarray, on_true: Any, on_false: Any) -> Any:
 
 def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, step_config: StepConfig, seed_key: jax.Array, mesh: Mesh) -> StepFn:
-    """The pure step `(state, batch) -> (state, metrics)`; compile it with `compile_train_step`."""
+    """The pure step `(state, batch) -> (state, metrics)`; compile it with `compile_train_step`.
+
+    The UNet runs as `sharding.on_mesh` makes it for `mesh` (its attention chosen for the mesh's devices).
+    Parameters split over the mesh (`--shard_state full`) are gathered whole before the forward pass, so
+    the compiler moves weights, never activations, and reduce-scatters their gradients back.
+    """
     k = step_config.accumulation_steps
+    model = sharding.on_mesh(model, mesh)
+    whole = sharding.replicated(mesh)
     micro_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
 
     def split_micro(x: jnp.ndarray) -> jnp.ndarray:
@@ -134,7 +141,8 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
         noise = jax.random.normal(noise_key, images.shape, jnp.float32)
         timesteps = jax.random.randint(time_key, (images.shape[0],), 0, step_config.num_train_timesteps)
 
-        loss, grads = loss_and_grads(state.params, images, noise, timesteps, dropout_key, state.loss_scale)
+        params = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, whole), state.params)
+        loss, grads = loss_and_grads(params, images, noise, timesteps, dropout_key, state.loss_scale)
         if INJECT_NAN_KEY in batch:  # test hook: a batch flagged so makes the step non-finite
             loss = jnp.where(jnp.any(batch[INJECT_NAN_KEY]), jnp.nan, loss)
         grad_norm = optax.tree.norm(grads)
@@ -184,8 +192,9 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
 
 
 def jit_train_step(train_step: StepFn, state: TrainState, batch: dict[str, jax.Array], mesh: Mesh) -> Any:
-    """The step under `jax.jit`: the state donated (updated in place), every array placed on the mesh."""
-    state_sharding = sharding.state_shardings(mesh, state)
+    """The step under `jax.jit`: the state donated (updated in place) and kept where it lives (each leaf's
+    own sharding: `sharding.state_shardings` placed it), the batch split over the mesh."""
+    state_sharding = jax.tree.map(lambda leaf: leaf.sharding, state)
     batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)
     return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_shardings),
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
