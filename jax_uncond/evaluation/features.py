@@ -28,7 +28,7 @@ ReadRows = Callable[[np.ndarray], np.ndarray]
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(mesh: Mesh, dims: int) -> tuple[Callable, Callable]:
+def programs(mesh: Mesh, dims: int) -> tuple[Callable, Callable]:
     """The jitted preprocessing and network for `mesh` (cached, so every caller shares the compilations)."""
     batch, whole = batch_sharding(mesh), replicated(mesh)
     network = jax.jit(lambda params, x: FIDInceptionV3(dims).apply({"params": params}, x),
@@ -51,7 +51,7 @@ class InceptionFeatures:
         self.batch_size = batch_size
         self.dims = dims
         self.params = put_replicated(params, mesh)
-        self._preprocess, self._network = _programs(mesh, dims)
+        self._preprocess, self._network = programs(mesh, dims)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """(batch_size, H, W, 1 or 3) uint8 on the mesh -> (batch_size, dims) float32 on the mesh."""

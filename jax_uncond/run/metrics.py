@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 
-PEAK_FLOPS = {
-    # dense bf16 peak per device (vendor figures); float32 runs are measured against the same figure
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12,
-    "V100": 125e12, "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v4": 275e12, "TPU v3": 123e12,
+GPU_PEAK_FLOPS = {
+    # dense bf16 peak per device (vendor figures), matched within the device kind ("NVIDIA H100 80GB HBM3");
+    # float32 runs are measured against the same figure
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12, "V100": 125e12,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSpec:
+    """One JAX device of a TPU generation: its Cloud name, dense bf16 peak and HBM (published per-chip figures;
+    a v3 chip is two devices, one per core; v4 and v5p chips are one, their two cores joined as megacore)."""
+
+    name: str
+    peak_flops: float
+    hbm_bytes: int
+
+
+TPU_SPECS = {
+    # exact `device_kind` -> spec (Cloud TPU system architecture pages: peak bf16 compute and HBM per chip)
+    "TPU v3": TpuSpec("v3", 123e12 / 2, 16 * 2**30),
+    "TPU v4": TpuSpec("v4", 275e12, 32 * 2**30),
+    "TPU v5 lite": TpuSpec("v5e", 197e12, 16 * 2**30),
+    "TPU v5": TpuSpec("v5p", 459e12, 95 * 2**30),
+    "TPU v6 lite": TpuSpec("v6e", 918e12, 32 * 2**30),
 }
 
 
 def device_peak_flops(device: jax.Device) -> float | None:
     """The known bf16 peak FLOP/s of one device, or None (CPUs and unknown accelerators)."""
     kind = device.device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    if kind in TPU_SPECS:
+        return TPU_SPECS[kind].peak_flops
+    return next((peak for name, peak in GPU_PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
 
 
 def step_flops(lowered: jax.stages.Lowered, devices: int, accumulation_steps: int = 1) -> float | None:
@@ -33,12 +52,28 @@ def step_flops(lowered: jax.stages.Lowered, devices: int, accumulation_steps: in
     accumulation is scaled by its trip count (which also scales the small optimizer update: an
     overestimate of well under 1%).
     """
+    flops = lowered_flops(lowered)
+    return None if flops is None else flops * accumulation_steps / devices
+
+
+def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
+    """XLA's FLOP count of a lowered (not yet partitioned) program, or None where no analysis is available.
+
+    Backends behind PJRT's C API (TPUs through libtpu, also for a topology compiled from another machine)
+    offer no analysis of a lowered program; the same HLO module is then analysed by the CPU client, which
+    counts convolutions and products alike on every platform (the analysis is of the HLO, not of a device).
+    """
     analysis = lowered.cost_analysis()
+    if analysis is None:
+        from jax._src.lib import _jax  # the analysis `Lowered.cost_analysis` calls, with another client
+
+        analysis = _jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client,
+                                                 lowered.compiler_ir("hlo").as_hlo_module())
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
     if not analysis or "flops" not in analysis:
         return None
-    return float(analysis["flops"]) * accumulation_steps / devices
+    return float(analysis["flops"])
 
 
 class Throughput:
