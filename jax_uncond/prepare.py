@@ -107,8 +107,8 @@ def _check_out(out: str, settings: dict[str, Any]) -> bool:
     if os.path.isfile(os.path.join(out, MANIFEST)):
         found = _settings(arrayrecord.read_manifest(out, out))
         if found != settings:
-            raise UsageError(f"{out} already holds a prepared dataset of other settings ({_differences(found, settings)})"
-                             "; give another folder or remove it")
+            raise UsageError(f"{out} already holds a prepared dataset of other settings "
+                             f"({_differences(found, settings)}); give another folder or remove it")
         return True
     plan = os.path.join(out, WORK_DIR, PLAN)
     if os.path.isfile(plan):

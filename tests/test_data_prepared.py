@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from jax_uncond import __version__, prepare
-from jax_uncond.data.arrayrecord import MANIFEST, WORK_DIR, shard_ranges
+from jax_uncond.data.arrayrecord import MANIFEST, WORK_DIR, Manifest, shard_ranges
 from jax_uncond.data.loader import make_train_loader
 from jax_uncond.training.config import parse_args
 
@@ -137,6 +137,10 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_shards(prepared, folder, tmp
     assert not (out / WORK_DIR).exists()
 
 
+def _settings(out):
+    return prepare._settings(Manifest.from_json(_manifest(out)))
+
+
 def test_prepare_reruns_and_refusals(prepared, folder, tmp_path, capsys):
     def run(out, *args):
         try:
@@ -153,6 +157,11 @@ def test_prepare_reruns_and_refusals(prepared, folder, tmp_path, capsys):
     assert code == 0 and "nothing to do" in out and not errors
     code, _, errors = run(done, "--format", "raw")
     assert code == 2 and len(errors) == 1 and "other settings (encoding 'png' there, 'raw' here)" in errors[0]
+    (tmp_path / "unfinished" / WORK_DIR).mkdir(parents=True)
+    (tmp_path / "unfinished" / WORK_DIR / prepare.PLAN).write_text(json.dumps({**_settings(done), "resolution": 4}))
+    code, _, errors = run(tmp_path / "unfinished")
+    assert code == 2 and len(errors) == 1
+    assert "unfinished prepare of other settings (resolution 4 there, 8 here)" in errors[0]
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("someone else's")
     code, _, errors = run(tmp_path / "foreign")
