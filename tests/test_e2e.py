@@ -179,3 +179,80 @@ def test_bad_invocation_is_one_line_and_exit_2(workspace, tmp_path, case, capsys
     assert code == 2, err
     assert "Traceback" not in err and [line for line in lines if "error" in line.lower()] == lines[-1:], err
     assert lines[-1].startswith("train_flax.py: error:") and expected in lines[-1], err
+
+
+@pytest.fixture(scope="module")
+def prepared_workspace(workspace, tmp_path_factory):
+    """(folder, prepared): the workspace's images plus two wide ones (the crop matters), a non-image and a truncated
+    PNG; and that folder prepared by jax-uncond-prepare at 16 px, center-cropped, as PNG."""
+    import io
+    import shutil
+
+    from jax_uncond import prepare
+
+    root = tmp_path_factory.mktemp("prepared_e2e")
+    folder = shutil.copytree(workspace / "images", root / "images")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(folder / f"wide_{i}.png")
+    (folder / "garbage.png").write_bytes(b"not a png")
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    (folder / "nested" / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    prepared = root / "prepared"
+    assert prepare.main([str(prepared), "--train_data_dir", str(folder), "--cache_dir", str(root / "cache"),
+                         "--resolution", "16", "--center_crop", "--num_shards", "2",
+                         "--dataloader_num_workers", "0"]) == 0
+    return folder, prepared
+
+
+@pytest.mark.slow
+def test_prepared_folder_trains_to_the_folders_weights(workspace, prepared_workspace, tmp_path):
+    """`--train_data_dir PREPARED` and `--train_data_dir FOLDER --center_crop` at the prepared resolution, same seed
+    and steps (over an epoch boundary, with flips and both kinds of broken file): the same weights, to the bit."""
+    folder, prepared = prepared_workspace
+    args = ["--model_config_name_or_path", workspace / "unet_config.json", "--resolution", 16, "--random_flip",
+            "--train_batch_size", 4, "--max_train_steps", 6, "--save_images_epochs", 100, "--save_model_epochs", 100,
+            "--eval_batch_size", 1, "--ddpm_num_inference_steps", 2, "--lr_warmup_steps", 1, "--learning_rate", 1e-3,
+            "--seed", 3, "--cache_dir", tmp_path / "cache"]
+    runs = {}
+    for name, data in (("folder", ["--train_data_dir", folder, "--center_crop"]),
+                       ("prepared", ["--train_data_dir", prepared])):
+        proc = train([*data, "--output_dir", tmp_path / name, *args], devices=1)
+        assert "skipped_files=2" in proc.stdout, proc.stdout  # the non-image at start-up, the truncated PNG when met
+        runs[name] = safetensors_of(tmp_path / name)
+    assert runs["folder"].keys() == runs["prepared"].keys()
+    for key, value in runs["folder"].items():
+        np.testing.assert_array_equal(runs["prepared"][key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable_manifest", "shard_mismatch", "lower_resolution",
+                                  "unfinished"])
+def test_bad_prepared_folder_is_one_line_and_exit_2(workspace, prepared_workspace, tmp_path, case, capsys):
+    import shutil
+
+    from jax_uncond.data.arrayrecord import MANIFEST, WORK_DIR
+
+    path = shutil.copytree(prepared_workspace[1], tmp_path / "prepared")
+    expected = {"missing": "no such folder", "unreadable_manifest": f"{MANIFEST} is unreadable",
+                "shard_mismatch": "does not match its manifest", "lower_resolution": "prepared at resolution 16",
+                "unfinished": "unfinished jax-uncond-prepare"}[case]
+    args = common_args(workspace, tmp_path / "run") + ["--train_batch_size", 2, "--num_epochs", 1]
+    args[:2] = ["--dataset_name", f"arrayrecord:{path}"]
+    if case == "missing":
+        args[1] = f"arrayrecord:{tmp_path / 'does-not-exist'}"
+    elif case == "unreadable_manifest":
+        (path / MANIFEST).write_text('{"format": "jax_uncond prepared images", "vers')
+    elif case == "shard_mismatch":
+        with open(path / "data-00001-of-00002.array_record", "ab") as f:
+            f.write(b"\0" * 64)
+    elif case == "lower_resolution":
+        args[args.index("--resolution") + 1] = 32
+    elif case == "unfinished":
+        (path / MANIFEST).unlink()
+        (path / WORK_DIR).mkdir()
+    code, err = run_main(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    assert lines[-1].startswith("train_flax.py: error: --dataset_name arrayrecord:") and expected in lines[-1], err

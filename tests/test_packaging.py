@@ -21,6 +21,7 @@ COMMANDS = {
     "jax-uncond-sample": "jax_uncond.sample:main",
     "jax-uncond-evaluate": "jax_uncond.evaluate:main",
     "jax-uncond-plan": "jax_uncond.plan:main",
+    "jax-uncond-prepare": "jax_uncond.prepare:main",
 }
 """Every console command and its entry point, as in pyproject.toml's [project.scripts]: a new command is a line
 there and one here (its main needs only argparse's `--version`)."""

@@ -38,6 +38,9 @@ class BuiltinShapes:
     def describe(self, index: int) -> str:
         return f"built-in shapes image {index}"
 
+    def fingerprint(self) -> str:
+        return f"built-in shapes, {self.num_images} images drawn at {self.size}x{self.size}"
+
 
 def draw_shape(index: int, size: int) -> Image.Image:
     """Image `index` of the built-in dataset, drawn at `size` (antialiased by supersampling)."""

@@ -43,6 +43,18 @@ def _shuffle_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 0x0D47A]).generate_state(1)[0])
 
 
+def iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[Any]:
+    """`dataset`'s elements in order, its maps run in this process (`num_workers` 0) or in Grain worker processes."""
+    threads = WORKER_READ_THREADS if num_workers > 0 else 0
+    stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 1)))
+    if num_workers > 0:
+        if not absl_flags.FLAGS.is_parsed():
+            # Grain's mp_prefetch reads absl flags, which only absl.app parses; use their defaults.
+            absl_flags.FLAGS.mark_as_parsed()
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+    return iter(stream)
+
+
 class ExampleAt(grain.transforms.Map):
     """Stream position -> [epoch, example index]: each epoch a Grain global shuffle, cut at its last full batch."""
 
@@ -159,16 +171,7 @@ class TrainLoader:
 
     def iter_host(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """NumPy batches of this process from global batch `start` on: {"images": (B/P, 3, R, R), "bad": (B/P,)}."""
-        threads = WORKER_READ_THREADS if self.num_workers > 0 else 0
-        dataset = self.host_dataset()[start:].to_iter_dataset(
-            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 1)))
-        if self.num_workers > 0:
-            if not absl_flags.FLAGS.is_parsed():
-                # Grain's mp_prefetch reads absl flags, which only absl.app parses; use their defaults.
-                absl_flags.FLAGS.mark_as_parsed()
-            options = grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2)
-            dataset = dataset.mp_prefetch(options)
-        return iter(dataset)
+        return iterate(self.host_dataset()[start:], self.num_workers)
 
     # --- the training-side iterator
 

@@ -9,13 +9,19 @@ sources, so the loader can shuffle globally, shard per process and resume at any
   header PIL cannot read, or that declare more pixels than the resolution needs (`pixel_limit`),
   are dropped at start-up with one warning each.
 - `--dataset_name tfds:NAME[/CONFIG][:SPLIT]`: TensorFlow Datasets through `tfds.data_source`.
+- `--dataset_name arrayrecord:DIR`, or `--train_data_dir DIR` holding a prepare manifest: a folder written
+  by `jax-uncond-prepare` (`arrayrecord.py`).
 - neither: the built-in shapes dataset (`builtin.py`).
+
+`source.fingerprint()` names the source's content (which files or rows, in which versions) for the
+manifest of a prepared folder.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import logging
 import os
 from typing import Any, Protocol, Sequence
@@ -23,6 +29,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from jax_uncond.data.arrayrecord import PREFIX as ARRAYRECORD_PREFIX
+from jax_uncond.data.arrayrecord import is_prepared, load_prepared
 from jax_uncond.data.builtin import BuiltinShapes
 from jax_uncond.errors import UsageError
 from jax_uncond.data.transforms import BAD_IMAGE_ERRORS, check_image_size
@@ -42,6 +50,8 @@ class ImageSource(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
     def describe(self, index: int) -> str: ...
+
+    def fingerprint(self) -> str: ...
 
 
 class DatasetsSource:
@@ -69,6 +79,11 @@ class DatasetsSource:
             return record["path"]
         return f"{self._origin} row {int(self._rows[index])}"
 
+    def fingerprint(self) -> str:
+        """`datasets`' fingerprint (for an image folder it follows the files' times) and the rows used."""
+        rows = hashlib.sha256(np.ascontiguousarray(self._rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return f"datasets {self._dataset._fingerprint}, rows {len(self._rows)} sha256 {rows}"
+
 
 class TFDSSource:
     """One image feature of a `tfds.data_source` (records come decoded, as HWC uint8 arrays)."""
@@ -86,6 +101,9 @@ class TFDSSource:
 
     def describe(self, index: int) -> str:
         return f"{self._origin} example {index}"
+
+    def fingerprint(self) -> str:
+        return f"tfds {self._source.dataset_info.full_name} {self._origin}, {len(self)} examples"
 
 
 def choose_image_column(features: dict[str, Any], requested: str | None, origin: str) -> str:
@@ -214,7 +232,14 @@ def load_tfds(spec: str, config_name: str | None, data_dir: str | None, image_co
 
 
 def load_source(config: Any) -> tuple[ImageSource, list[str]]:
-    """The source the flags name, and the files skipped at start-up as unreadable (image folders only)."""
+    """The source the flags name, and the files skipped at start-up as unreadable (image folders, and the ones
+    a prepared folder's source skipped)."""
+    if config.dataset_name is not None and config.dataset_name.startswith(ARRAYRECORD_PREFIX):
+        return load_prepared(config.dataset_name[len(ARRAYRECORD_PREFIX):], f"--dataset_name {config.dataset_name}",
+                             config.resolution, config.preserve_input_precision)
+    if config.train_data_dir is not None and is_prepared(config.train_data_dir):
+        return load_prepared(config.train_data_dir, f"--train_data_dir {config.train_data_dir}", config.resolution,
+                             config.preserve_input_precision)
     if config.dataset_name is not None and config.dataset_name.startswith(TFDS_PREFIX):
         return load_tfds(config.dataset_name, config.dataset_config_name, config.tfds_data_dir,
                          config.image_column), []

@@ -102,12 +102,27 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def _crop_box(height: int, width: int, spec: TransformSpec, rng: np.random.Generator) -> tuple[int, int]:
+def _crop_box(height: int, width: int, spec: TransformSpec, rng: np.random.Generator | None) -> tuple[int, int]:
     """Top-left corner of the square crop: torchvision's CenterCrop rounding, or RandomCrop's uniform draw."""
     size = spec.resolution
     if spec.center_crop:
         return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def resized_rgb(image: Image.Image, resolution: int) -> np.ndarray:
+    """The 8-bit path's deterministic start: RGB, the shorter side resized to `resolution` (bilinear), as HWC uint8."""
+    image = image.convert("RGB")
+    new_size = _resized_size(image.width, image.height, resolution)
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BILINEAR)
+    return np.asarray(image)
+
+
+def center_cropped(array: np.ndarray, resolution: int) -> np.ndarray:
+    """The `--center_crop` square of an HWC array whose shorter side is `resolution`."""
+    top, left = _crop_box(*array.shape[:2], TransformSpec(resolution, center_crop=True), None)
+    return array[top : top + resolution, left : left + resolution]
 
 
 def _to_three_channels(array: np.ndarray) -> np.ndarray:
@@ -150,11 +165,7 @@ def transform_image(image: Image.Image, spec: TransformSpec, rng: np.random.Gene
         if new_size != (width, height):
             array = _resize_float(array, new_size)
     else:
-        image = image.convert("RGB")
-        new_size = _resized_size(image.width, image.height, size)
-        if new_size != image.size:
-            image = image.resize(new_size, Image.BILINEAR)
-        array = np.asarray(image)
+        array = resized_rgb(image, size)
     height, width = array.shape[:2]
     top, left = _crop_box(height, width, spec, rng)
     array = array[top : top + size, left : left + size]

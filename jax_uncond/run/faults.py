@@ -8,7 +8,8 @@ inject failures through one environment variable, read here only:
 
 `save:N` fails the save of checkpoint N as a full disk would (inside Orbax's commit, so the folder is
 never completed); `grid`, `pipeline`, `log` and `upload` fail every sample grid, pipeline folder,
-tracker event and Hub upload attempt with an OSError.
+tracker event and Hub upload attempt with an OSError; `prepare_kill:N` makes jax-uncond-prepare kill
+itself (SIGKILL, as a preempted machine) once N records are written.
 """
 
 from __future__ import annotations
@@ -23,13 +24,19 @@ FAULTS_ENV = "JAX_UNCOND_FAULTS"
 logger = logging.getLogger(__name__)
 
 
+def _entries() -> list[tuple[str, str]]:
+    """JAX_UNCOND_FAULTS as (kind, N or "") pairs."""
+    return [entry.strip().partition(":")[::2] for entry in os.environ.get(FAULTS_ENV, "").split(",")]
+
+
 def injected(kind: str, step: int | None = None) -> bool:
     """Whether JAX_UNCOND_FAULTS asks `kind` (at `step`, for `save:N`) to fail."""
-    for entry in os.environ.get(FAULTS_ENV, "").split(","):
-        name, _, at = entry.strip().partition(":")
-        if name == kind and (not at or (step is not None and at == str(step))):
-            return True
-    return False
+    return any(name == kind and (not at or (step is not None and at == str(step))) for name, at in _entries())
+
+
+def injected_at(kind: str) -> int | None:
+    """N of a `kind:N` entry of JAX_UNCOND_FAULTS, or None (read once, for checks in a hot loop)."""
+    return next((int(at) for name, at in _entries() if name == kind and at.isdigit()), None)
 
 
 def fail_if_injected(kind: str, step: int | None = None) -> None:

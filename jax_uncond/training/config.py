@@ -48,11 +48,12 @@ def _flags() -> list[Flag]:
     return [
         # --- data (diffusers' flags first)
         F("dataset_name", None, "A Hugging Face dataset: a Hub id or a local path saved by `datasets`; or "
-          "`tfds:NAME[/CONFIG][:SPLIT]` for TensorFlow Datasets. With neither this nor --train_data_dir, the "
-          "built-in dataset is used.", str, group="data"),
+          "`tfds:NAME[/CONFIG][:SPLIT]` for TensorFlow Datasets; or `arrayrecord:DIR` for a folder written by "
+          "jax-uncond-prepare. With neither this nor --train_data_dir, the built-in dataset is used.", str,
+          group="data"),
         F("dataset_config_name", None, "The config of the dataset; leave unset if there is only one.", str, group="data"),
-        F("train_data_dir", None, "A folder of images (nested folders included), read as `datasets`' imagefolder.",
-          str, group="data"),
+        F("train_data_dir", None, "A folder of images (nested folders included), read as `datasets`' imagefolder; "
+          "or a folder written by jax-uncond-prepare (recognised by its manifest).", str, group="data"),
         F("cache_dir", None, "Where downloaded datasets and models are stored.", str, group="data"),
         F("resolution", 64, "Images are resized (shorter side, bilinear) and cropped to this size.", int, group="data"),
         F("center_crop", False, "Center-crop to --resolution; otherwise crop at a random position.",
