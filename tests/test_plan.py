@@ -142,3 +142,14 @@ def test_without_libtpu_the_plan_says_how_to_install_it():
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "libtpu is not installed" in lines[0] and 'pip install "jax[tpu]==' in lines[0]
+
+
+@pytest.mark.parametrize("program", ["sample", "fid"])
+def test_the_fid_sampler_and_feature_extractor_plan_too(libtpu, tiny_unet, program):
+    report, _ = run_plan(*tiny_flags(tiny_unet, "--program", program, "--fid_scheduler", "ddim",
+                                     "--fid_inference_steps", "2", "--fid_dims", "64"))
+    assert report["program"] == program and report["batch"]["images_per_call"] == PER_CHIP * CHIPS
+    assert report["memory_per_device"]["fits"] is True and report["flops_per_device"] > 0
+    assert report["collectives"]["other_bytes"] == 0  # each chip samples and scores its own images
+    if program == "sample":
+        assert report["sampler"] == "ddim" and report["steps"] == 2 and report["attention"] == "xla"
