@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import ml_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with numpy)
 import numpy as np
 from jax.experimental import topologies
 
@@ -58,6 +57,7 @@ LOW_UTILISATION = 0.4
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """The devices of a TPU slice (or several, joined over the data-center network) and what they are."""
+
     topology: str
     num_slices: int
     devices: tuple
@@ -71,8 +71,6 @@ class Slice:
 def topology_slice(topology: str, num_slices: int = 1) -> Slice:
     """The compile-only devices of `topology` (libtpu's names: v5e:4x4, v5p:4x4x4, v4:2x2x2, v6e:16x16, ...),
     `num_slices` of them, and the run's mesh over them; a missing libtpu or an unknown name is a UsageError."""
-
-
     if num_slices < 1:
         raise UsageError(f"--num_slices {num_slices}: must be at least 1")
     # v4 hosts show each chip as one device (its two cores joined, "megacore"), as a v4 TPU VM does.
@@ -112,24 +110,14 @@ def _first_line(error: Exception) -> str:
 
 
 def array_bytes(shape_text: str) -> list[tuple[tuple[int, ...], int]]:
-    """(dims, bytes) of every array in an HLO shape (`f32[32,128]{1,0}`, or a tuple of them)."""
+    """(dims, bytes) of every array in an HLO shape (`f32[32,128]{1,0}`, or a tuple of them); an element type's
+    bits are the number in its name (bf16, u32, f8e4m3fn, c64), a `pred` is one byte."""
     out = []
     for dtype, dims in ARRAY.findall(shape_text):
         shape = tuple(int(d) for d in dims.split(",") if d)
-        width = {"pred": 1, "s4": 1, "u4": 1}.get(dtype) or np.dtype(_numpy_name(dtype)).itemsize
-        out.append((shape, width * math.prod(shape)))
+        bits = re.search(r"\d+", dtype)
+        out.append((shape, max(1, int(bits.group()) // 8 if bits else 1) * math.prod(shape)))
     return out
-
-
-def _numpy_name(hlo_dtype: str) -> str:
-
-    names = {"f16": "float16", "f32": "float32", "f64": "float64", "bf16": "bfloat16", "c64": "complex64",
-             "c128": "complex128"}
-    if hlo_dtype in names:
-        return names[hlo_dtype]
-    if hlo_dtype[0] in "su" and hlo_dtype[1:].isdigit():
-        return ("int" if hlo_dtype[0] == "s" else "uint") + hlo_dtype[1:]
-    return "float8_" + hlo_dtype[1:] if hlo_dtype.startswith("f8") else hlo_dtype
 
 
 def collectives(hlo_text: str, state_sizes: set[int]) -> dict[str, Any]:

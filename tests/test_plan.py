@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from engine_parts import TINY_UNET
@@ -153,3 +154,25 @@ def test_the_fid_sampler_and_feature_extractor_plan_too(libtpu, tiny_unet, progr
     assert report["collectives"]["other_bytes"] == 0  # each chip samples and scores its own images
     if program == "sample":
         assert report["sampler"] == "ddim" and report["steps"] == 2 and report["attention"] == "xla"
+
+
+def test_collectives_are_counted_with_the_bytes_they_deliver():
+    """Synchronous ones by their result; an asynchronous start by the results half of its tuple (operands,
+    results, contexts); arrays of no state leaf's size (nor a share of one) counted apart."""
+    hlo = "\n".join([
+        "  %all-reduce.1 = (f32[32]{0}, bf16[3,3,3,32]{3,2,1,0:T(4,128)(2,1)}) all-reduce(%a, %b), channel_id=1",
+        "  %all-gather.2 = f32[64,32]{1,0} all-gather(%c), dimensions={0}",
+        "  %collective-permute-start.3 = (bf16[3,3,3,8]{3,2,1,0}, bf16[3,3,3,8]{3,2,1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+        "collective-permute-start(%d), source_target_pairs={{0,1}}",
+        "  %collective-permute-done.3 = bf16[3,3,3,8]{3,2,1,0} collective-permute-done(%collective-permute-start.3)",
+        "  %all-gather.4 = bf16[16,8,256,8]{3,2,1,0} all-gather(%q), dimensions={0}",
+        "  %fusion.5 = f32[32]{0} fusion(%all-reduce.1), kind=kLoop",
+    ])
+    state = plan.state_sizes({"w": jax.ShapeDtypeStruct((3, 3, 3, 32), "float32"),
+                              "b": jax.ShapeDtypeStruct((32,), "float32"),
+                              "d": jax.ShapeDtypeStruct((64, 32), "float32")}, devices=4)
+    moved = plan.collectives(hlo, state)
+    assert moved["by_kind"] == {"all-reduce": {"count": 1, "bytes": 32 * 4 + 864 * 2},
+                                "all-gather": {"count": 2, "bytes": 64 * 32 * 4 + 16 * 8 * 256 * 8 * 2},
+                                "collective-permute": {"count": 1, "bytes": 216 * 2}}
+    assert moved["other_bytes"] == 16 * 8 * 256 * 8 * 2  # the gathered queries of an attention
