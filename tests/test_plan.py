@@ -82,7 +82,7 @@ def test_the_report_names_the_slice_memory_collectives_and_time(plans):
 @pytest.mark.parametrize("mode", SHARD_STATE_MODES)
 def test_the_step_moves_weights_and_gradients_never_activations(plans, mode):
     moved = plans[mode][0]["collectives"]
-    assert set(moved["by_kind"]) <= {"all-reduce", "reduce-scatter", "all-gather", "collective-permute"}
+    assert set(moved["by_kind"]) <= {"all-reduce", "reduce-scatter", "all-gather"}
     if mode == "replicated":
         assert set(moved["by_kind"]) == {"all-reduce"}
     # Arrays no state leaf (or a chip's share of one) has the size of: at most the random draws' two 32-bit

@@ -112,7 +112,7 @@ def test_the_cpu_attention_keeps_the_batch_split_and_a_replicated_state_needs_on
 def test_split_states_move_weights_and_gradients_only(compiled_steps, mode):
     text, state_sizes = compiled_steps[mode]
     moved = arrays_moved(text)
-    assert {kind for kind, _ in moved} <= {"all-reduce", "all-gather", "reduce-scatter", "collective-permute"}
+    assert {kind for kind, _ in moved} <= {"all-reduce", "all-gather", "reduce-scatter"}
     activations = [(kind, size) for kind, size in moved if size > 1 and size not in state_sizes]
     assert not activations, activations
     assert any(kind == "all-gather" for kind, _ in moved)  # the updated (or, with full, the used) weights

@@ -98,8 +98,9 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
     """The pure step `(state, batch) -> (state, metrics)`; compile it with `compile_train_step`.
 
     The UNet runs as `sharding.on_mesh` makes it for `mesh` (its attention chosen for the mesh's devices).
-    Parameters split over the mesh (`--shard_state full`) are gathered whole before the forward pass, so
-    the compiler moves weights, never activations, and reduce-scatters their gradients back.
+    Parameters split over the mesh (`--shard_state full`) are gathered whole before the forward pass and the
+    gradients summed whole, so the compiler moves weights and gradients, never activations; each device
+    then updates its slice of whatever is split.
     """
     k = step_config.accumulation_steps
     model = sharding.on_mesh(model, mesh)
@@ -143,6 +144,10 @@ def make_train_step(model: Any, scheduler: Any, scheduler_state: Any, optimizer:
 
         params = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, whole), state.params)
         loss, grads = loss_and_grads(params, images, noise, timesteps, dropout_key, state.loss_scale)
+        # The backward pass stays data parallel whatever is split: gradients whole on every device (the one
+        # all-reduce). Left free, the split moments' layout propagated into the backward convolutions, which
+        # then passed weights between devices and held 3.3 GiB more temporaries on a v5e (docs/plan.md).
+        grads = jax.tree.map(lambda g: jax.lax.with_sharding_constraint(g, whole), grads)
         if INJECT_NAN_KEY in batch:  # test hook: a batch flagged so makes the step non-finite
             loss = jnp.where(jnp.any(batch[INJECT_NAN_KEY]), jnp.nan, loss)
         grad_norm = optax.tree.norm(grads)
