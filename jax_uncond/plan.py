@@ -150,7 +150,9 @@ def state_sizes(tree: Any, devices: int) -> set[int]:
 
 @dataclasses.dataclass
 class Compiled:
-    """One program compiled for the slice: what the report reads."""
+    """One program compiled for the slice: what the report reads. `compiled` is None where the compiler refused
+    the program for want of HBM (`refusal` says what it needed)."""
+
     lowered: Any
     compiled: Any
     compile_s: float
@@ -159,6 +161,7 @@ class Compiled:
     state_sizes: set[int]
     batch: dict[str, int]
     notes: dict[str, Any]
+    refusal: str | None = None
 
 
 def _per_device_bytes(tree: Any) -> int:
@@ -166,11 +169,18 @@ def _per_device_bytes(tree: Any) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, Any, float]:
+def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, Any, float, str | None]:
+    """(lowered, compiled or None, seconds, why None): a program too large for the chip is no error here but
+    the compiler's answer (libtpu refuses it with RESOURCE_EXHAUSTED, naming what it needs and has)."""
     started = time.perf_counter()
     lowered = lower()
-    compiled = lowered.compile()
-    return lowered, compiled, time.perf_counter() - started
+    try:
+        compiled, refusal = lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, refusal = None, _first_line(e)
+    return lowered, compiled, time.perf_counter() - started, refusal
 
 
 def compile_train(config: TrainConfig, where: Slice) -> Compiled:
@@ -184,7 +194,7 @@ def compile_train(config: TrainConfig, where: Slice) -> Compiled:
     program = train_program(config, model, build_scheduler(config), mesh, config.max_train_steps or PLAN_TRAINING_STEPS)
     state, batch = program.abstract_state(), batch_shapes(config, batch_size, mesh)
     step = jit_train_step(program.step, state, batch, mesh)
-    lowered, compiled, seconds = _timed_compile(lambda: step.lower(state, batch))
+    lowered, compiled, seconds, refusal = _timed_compile(lambda: step.lower(state, batch))
     k = config.gradient_accumulation_steps
     parts = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema_params}
     state_bytes = {name: _per_device_bytes(tree) for name, tree in parts.items()}
@@ -193,7 +203,7 @@ def compile_train(config: TrainConfig, where: Slice) -> Compiled:
                     state_sizes(state, mesh.size),
                     {"per_device": batch_size // mesh.size, "global": batch_size, "accumulation_steps": k,
                      "images_per_step": batch_size * k},
-                    {"shard_state": config.shard_state, "attention": _attention(model, mesh)})
+                    {"shard_state": config.shard_state, "attention": _attention(model, mesh)}, refusal)
 
 
 def compile_sample(config: TrainConfig, where: Slice) -> Compiled:
@@ -220,19 +230,17 @@ def compile_sample(config: TrainConfig, where: Slice) -> Compiled:
                           jax.eval_shape(model.init_weights, jax.random.key(0)))
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
-    lowered, compiled, seconds = _timed_compile(lambda: sampler.lower(params, state, rng))
+    lowered, compiled, seconds, refusal = _timed_compile(lambda: sampler.lower(params, state, rng))
     flops = metrics.lowered_flops(lowered)
     # XLA counts the scan's body once: one UNet call and solver update per step, so scale by the steps.
     return Compiled(lowered, compiled, seconds, None if flops is None else flops * steps / mesh.size,
                     {"params": _per_device_bytes(params)}, state_sizes(params, mesh.size),
                     {"per_device": batch_size // mesh.size, "global": batch_size, "images_per_call": batch_size},
-                    {"sampler": config.fid_scheduler, "steps": steps, "attention": _attention(model, mesh)})
+                    {"sampler": config.fid_scheduler, "steps": steps, "attention": _attention(model, mesh)}, refusal)
 
 
 def compile_fid(config: TrainConfig, where: Slice) -> Compiled:
     """The Inception network of FID (`--fid_dims` features) on `--fid_batch_size` images per call, compiled."""
-
-
     mesh = where.mesh
     batch_size = config.fid_batch_size or global_batch_size(config, mesh)
     if batch_size % mesh.size:
@@ -242,7 +250,7 @@ def compile_fid(config: TrainConfig, where: Slice) -> Compiled:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), param_shapes())
     images = jax.ShapeDtypeStruct((batch_size, INPUT_SIZE, INPUT_SIZE, 3), jax.numpy.float32,
                                   sharding=sharding.batch_sharding(mesh))
-    lowered, compiled, seconds = _timed_compile(lambda: network.lower(params, images))
+    lowered, compiled, seconds, refusal = _timed_compile(lambda: network.lower(params, images))
     flops = metrics.lowered_flops(lowered)
     return Compiled(lowered, compiled, seconds, None if flops is None else flops / mesh.size,
                     {"params": _per_device_bytes(params)}, state_sizes(params, mesh.size),
@@ -262,22 +270,26 @@ def report(program: str, config: TrainConfig, where: Slice, result: Compiled) ->
     """The plan as one JSON-able dict: the slice, the batch, memory per device, collectives, FLOPs, time."""
     device = where.devices[0]
     spec = metrics.TPU_SPECS.get(device.device_kind)
-    memory = result.compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     hbm = spec.hbm_bytes if spec else None
+    if result.compiled is None:
+        memory_per_device = {"state": result.state_bytes, "hbm": hbm, "fits": False, "refused": result.refusal}
+        moved = None
+    else:
+        memory = result.compiled.memory_analysis()
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+        memory_per_device = {
+            "state": result.state_bytes, "arguments": memory.argument_size_in_bytes,
+            "outputs": memory.output_size_in_bytes, "aliased": memory.alias_size_in_bytes,
+            "temporaries": memory.temp_size_in_bytes, "code": memory.generated_code_size_in_bytes, "peak": peak,
+            "hbm": hbm, "fits": None if hbm is None else peak <= hbm}
+        moved = collectives(result.compiled.as_text(), result.state_sizes)
     plan: dict[str, Any] = {
         "program": program, "topology": where.topology, "num_slices": where.num_slices, "devices": len(where.devices),
         "hosts": where.hosts, "device_kind": device.device_kind, "generation": spec.name if spec else None,
         "resolution": config.resolution, "mixed_precision": config.mixed_precision,
         "gradient_checkpointing": config.gradient_checkpointing, **result.notes, "batch": result.batch,
-        "compile_s": round(result.compile_s, 2),
-        "memory_per_device": {
-            "state": result.state_bytes, "arguments": memory.argument_size_in_bytes,
-            "outputs": memory.output_size_in_bytes, "aliased": memory.alias_size_in_bytes,
-            "temporaries": memory.temp_size_in_bytes, "code": memory.generated_code_size_in_bytes, "peak": peak,
-            "hbm": hbm, "fits": None if hbm is None else peak <= hbm},
-        "collectives": collectives(result.compiled.as_text(), result.state_sizes),
+        "compile_s": round(result.compile_s, 2), "memory_per_device": memory_per_device, "collectives": moved,
         "flops_per_device": result.flops_per_device,
     }
     if spec and result.flops_per_device:
@@ -300,17 +312,17 @@ def describe(plan: dict[str, Any]) -> list[str]:
              + (f" x {batch['accumulation_steps']} accumulated" if batch.get("accumulation_steps", 1) > 1 else ""),
              f"compiled in {plan['compile_s']:.1f}s"]
     state = ", ".join(f"{name} {size / gib:.3f}" for name, size in memory["state"].items())
-    lines.append(f"per device (GiB): state: {state}; arguments {memory['arguments'] / gib:.3f}, temporaries "
-                 f"{memory['temporaries'] / gib:.3f}, code {memory['code'] / gib:.3f}; peak {memory['peak'] / gib:.3f}")
-    if memory["hbm"] is None:
-        lines.append(f"HBM of a {plan['device_kind']} not known here (docs/plan.md lists the chips): fit not judged")
+    if "refused" in memory:
+        lines += [f"per device (GiB): state: {state}", _fit_line(plan)]
     else:
-        lines.append(f"{'fits' if memory['fits'] else 'DOES NOT FIT'}: peak {memory['peak'] / gib:.2f} GiB of "
-                     f"{memory['hbm'] / gib:.0f} GiB HBM ({100 * memory['peak'] / memory['hbm']:.0f}%)")
-    moved = plan["collectives"]
-    kinds = ", ".join(f"{kind} x{v['count']} ({v['bytes'] / 2**20:.2f} MiB)" for kind, v in moved["by_kind"].items())
-    lines.append(f"collectives per call: {kinds or 'none'}; of arrays other than the state: "
-                 f"{moved['other_bytes']} bytes")
+        sizes = ", ".join(f"{name} {memory[name] / gib:.3f}" for name in ("arguments", "temporaries", "code", "peak"))
+        lines.append(f"per device (GiB): state: {state}; {sizes}")
+        lines.append(_fit_line(plan))
+        moved = plan["collectives"]
+        kinds = ", ".join(f"{kind} x{v['count']} ({v['bytes'] / 2**20:.2f} MiB)"
+                          for kind, v in moved["by_kind"].items())
+        lines.append(f"collectives per call: {kinds or 'none'}; of arrays other than the state: "
+                     f"{moved['other_bytes']} bytes")
     if plan["flops_per_device"] is None:
         lines.append("FLOPs: XLA's cost analysis gave none for this program")
     else:
@@ -324,6 +336,16 @@ def describe(plan: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fit_line(plan: dict[str, Any]) -> str:
+    memory = plan["memory_per_device"]
+    if "refused" in memory:
+        return f"DOES NOT FIT: the TPU compiler refused the program ({memory['refused']})"
+    if memory["hbm"] is None:
+        return f"HBM of a {plan['device_kind']} not known here (docs/plan.md lists the chips): fit not judged"
+    return (f"{'fits' if memory['fits'] else 'DOES NOT FIT'}: peak {memory['peak'] / 2**30:.2f} GiB of "
+            f"{memory['hbm'] / 2**30:.0f} GiB HBM ({100 * memory['peak'] / memory['hbm']:.0f}%)")
+
+
 def fits(program: str, config: TrainConfig, where: Slice, per_device: int,
          say: Callable[[str], None]) -> tuple[bool, dict[str, Any]]:
     """Whether `per_device` images per device fit the HBM (compiling the program at that batch)."""
@@ -333,8 +355,7 @@ def fits(program: str, config: TrainConfig, where: Slice, per_device: int,
         config = dataclasses.replace(config, fid_batch_size=per_device * len(where.devices))
     plan = report(program, config, where, COMPILERS[program](config, where))
     memory = plan["memory_per_device"]
-    say(f"batch {per_device} per device: peak {memory['peak'] / 2**30:.2f} GiB of {memory['hbm'] / 2**30:.0f}: "
-        f"{'fits' if memory['fits'] else 'does not fit'} (compiled in {plan['compile_s']:.0f}s)")
+    say(f"batch {per_device} per device: {_fit_line(plan)} (compiled in {plan['compile_s']:.0f}s)")
     return memory["fits"], plan
 
 

@@ -176,3 +176,12 @@ def test_collectives_are_counted_with_the_bytes_they_deliver():
                                 "all-gather": {"count": 2, "bytes": 64 * 32 * 4 + 16 * 8 * 256 * 8 * 2},
                                 "collective-permute": {"count": 1, "bytes": 216 * 2}}
     assert moved["other_bytes"] == 16 * 8 * 256 * 8 * 2  # the gathered queries of an attention
+
+
+def test_a_batch_too_large_is_refused_by_the_compiler_and_reported(libtpu, tiny_unet):
+    """libtpu refuses a program over the chip's HBM (RESOURCE_EXHAUSTED): the plan's answer, not an error."""
+    report, lines = run_plan(*tiny_flags(tiny_unet, "--train_batch_size", "65536"))
+    memory = report["memory_per_device"]
+    assert memory["fits"] is False and "RESOURCE_EXHAUSTED" in memory["refused"] and report["collectives"] is None
+    assert any(line.startswith("DOES NOT FIT: the TPU compiler refused the program") for line in lines)
+    assert report["flops_per_device"] > 0  # counted on the lowered program all the same
