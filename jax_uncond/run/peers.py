@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 class Watch:
     """This process's watchdog over the others (inactive in a single-process run).
 
-    States in the store, one key per process: `beat N`, `done` (finished normally), `stop LINE` (stopping
-    with an error) and `gone LINE` (about to exit).
+    States in the store, one key per process: `beat N` (its heartbeat), `done N` (the heartbeat of a process
+    that ended normally and waits for the others to end), `stop LINE` (stopping with an error) and `gone LINE`
+    (about to exit).
     """
 
     def __init__(self, beat_s: float = BEAT_S, lost_after_s: float = LOST_AFTER_S):
@@ -63,6 +64,7 @@ class Watch:
         self._rounds = threading.Condition()
         self._wake = threading.Event()
         self._finished = threading.Event()
+        self._done = False  # this process ended normally: its heartbeat says `done`
         self._thread: threading.Thread | None = None
 
     @property
@@ -84,13 +86,19 @@ class Watch:
         self._thread.start()
 
     def finish(self) -> None:
-        """This process ended normally: the others stop expecting its heartbeat; the watchdog stops."""
+        """This process ended normally: it says so and waits for the others to end too, the watchdog still
+        watching (a process lost or failed meanwhile, e.g. process 0 in its last save or upload, stops this one
+        with its line, where JAX's shutdown barrier would abort it). Then the watchdog stops."""
         if not self.active:
             return
+        self._done = True
+        self._publish("done 0")  # now: the watchdog may stop before its next heartbeat, once the others are done
+        with self._rounds:
+            self._rounds.wait_for(lambda: all((state or "").startswith("done ") for state, _, _ in
+                                              self._changed.values()), timeout=distributed.SHUTDOWN_TIMEOUT_S)
         self._finished.set()
         self._wake.set()
         self._thread.join()
-        self._publish("done")
 
     def failed(self, error: BaseException) -> None:
         """This process's main thread failed with `error`. Unless another process is the cause (then the
@@ -100,9 +108,9 @@ class Watch:
             return
         if not isinstance(error, UsageError):  # a start-up decision is taken by all; anything else may be a symptom
             self._await_peers()
-        code = 2 if isinstance(error, UsageError) else error.code if isinstance(error, SystemExit) else 1
+        code = 2 if isinstance(error, UsageError) else 1
         text = str(error) if isinstance(error, (UsageError, RunError)) else f"{type(error).__name__}: {error}"
-        if not self._end(code if isinstance(code, int) else 1, (text.strip().splitlines() or [""])[0]):
+        if not self._end(code, (text.strip().splitlines() or [""])[0]):
             threading.Event().wait(MAIN_GRACE_S + self.lost_after_s)  # the watchdog is ending this process
         self._wake.set()
 
@@ -111,8 +119,7 @@ class Watch:
         for the watchdog to end this process (a process lost or stopping)."""
         def alive() -> bool:
             states = [(self._changed[p][0] or "", self._changed[p][2] >= n) for p, n in wanted.items()]
-            return all(state == "done" or beaten and not state.startswith(("stop ", "gone "))
-                       for state, beaten in states)
+            return all(beaten and not state.startswith(("stop ", "gone ")) for state, beaten in states)
 
         with self._rounds:
             wanted = {p: changes + 2 for p, (_, _, changes) in self._changed.items()}
@@ -138,7 +145,7 @@ class Watch:
             if self._ending is not None:  # the main thread failed: leave once it has said why
                 self._leave(wait_for_main=True)
             beat += 1
-            self._publish(f"beat {beat}")
+            self._publish(f"{'done' if self._done else 'beat'} {beat}")
             states, now = self._states(), time.monotonic()
             if states is not None:
                 contact = now
@@ -166,7 +173,7 @@ class Watch:
             # Followed once seen at two looks: a start-up error reaches the others through `agreement` first.
             if state is not None and state.startswith(("stop ", "gone ")) and since < now:
                 return f"process {p} of {self.count} stopped ({state[5:]})", state[5:]
-            if state != "done" and now - since > self.lost_after_s:
+            if now - since > self.lost_after_s:
                 lost = (f"process {p} of {self.count} is lost: no heartbeat for {now - since:.0f}s (killed, crashed "
                         "or its host is down)")
                 return lost, lost
@@ -211,14 +218,14 @@ class Watch:
         os._exit(code)
 
     def _await_departures(self) -> None:
-        """Until every other process has left (said `gone` or `done`) or is lost, at most as long as that takes."""
+        """Until every other process has left (said `gone`) or is lost, at most as long as that takes."""
         deadline = time.monotonic() + self.lost_after_s + MAIN_GRACE_S + 2 * self.beat_s
         while time.monotonic() < deadline:
             states, now = self._states(), time.monotonic()
             if states is None:
                 return
             self._update(states, now)
-            if all(state is not None and state.startswith(("gone ", "done")) or now - since > self.lost_after_s
+            if all((state or "").startswith("gone ") or now - since > self.lost_after_s
                    for state, since, _ in self._changed.values()):
                 time.sleep(SETTLE_S)
                 return
