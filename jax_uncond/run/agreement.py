@@ -71,7 +71,7 @@ def _error(record: dict[str, Any], process: int) -> UsageError | RunError:
 
 def failures(name: str, cause: str | None) -> dict[int, str]:
     """{process: cause} of every process whose `cause` is not None (this one's included), the same on every
-    process. Every process must call it, in the same order as its other exchanges."""
+    process. Every process must make this exchange, as often as the others."""
     if jax.process_count() == 1:
         return {} if cause is None else {0: cause}
     prefix = _key(name) + "/"

@@ -144,9 +144,9 @@ def _flags() -> list[Flag]:
         F("checkpoints_total_limit", None, "Keep at most this many checkpoints.", int, group="checkpointing"),
         F("resume_from_checkpoint", None, "`latest`, or the path of a checkpoint saved by --checkpointing_steps.",
           str, group="checkpointing"),
-        F("rollback", False, "With --resume_from_checkpoint PATH of an older checkpoint than the run's newest: move the "
-          "newer ones into checkpoints/superseded-STEP-TIME/ (kept, never deleted) and continue from PATH. Without "
-          "it such a run stops at start-up.", store_true=True, group="checkpointing", pytorch=False),
+        F("rollback", False, "With --resume_from_checkpoint PATH of an older checkpoint than the run's newest: move "
+          "the newer ones into checkpoints/superseded-STEP-TIME/ (kept, never deleted) and continue from PATH. "
+          "Without it such a run stops at start-up.", store_true=True, group="checkpointing", pytorch=False),
         # --- logging and the Hub
         F("logger", "tensorboard", "Experiment tracker.", str, ("tensorboard", "wandb"), group="logging"),
         F("logging_dir", "logs", "Tracker folder, relative to --output_dir.", str, group="logging"),
