@@ -72,7 +72,8 @@ class Watch:
         return self._thread is not None
 
     def at_stop(self, cleanup: Callable[[], Any]) -> None:
-        """`cleanup()` runs when the watchdog stops this process (releasing the lock, the last uploads)."""
+        """`cleanup()` runs when the watchdog stops this process (the last uploads, then the lock's release: the
+        last registered runs first, as `with` blocks unwind)."""
         self._cleanups.append(cleanup)
 
     def start(self) -> None:
@@ -197,7 +198,7 @@ class Watch:
 
         tqdm.write(f"{os.path.basename(sys.argv[0])}: error: {why}; this process stops too; {AFTERWARDS}",
                    file=sys.stderr)
-        for cleanup in self._cleanups:
+        for cleanup in reversed(self._cleanups):
             try:
                 cleanup()
             except Exception as e:  # noqa: BLE001 - the process is leaving; the others still run
