@@ -79,7 +79,8 @@ def test_bad_preset(tmp_path, capsys, text, message):
 
 @pytest.mark.parametrize("argv", [["--resolution", "0"], ["--dataset_name", "a", "--train_data_dir", "b"],
                                   ["--lr_scheduler", "nope"], ["--mixed_precision", "fp8"], ["--logging_steps", "0"],
-                                  ["--profile_steps", "5:2"], ["--profile_steps", "10"], ["--profile_steps", "a:b"]])
+                                  ["--profile_steps", "5:2"], ["--profile_steps", "10"], ["--profile_steps", "a:b"],
+                                  ["--rollback"], ["--rollback", "--resume_from_checkpoint", "latest"]])
 def test_bad_values_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         cfg.parse_args(argv)

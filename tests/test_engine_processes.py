@@ -2,7 +2,6 @@
 and two processes (jax.distributed on localhost, CPU collectives) equal one process."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 from engine_parts import assert_state_close
 from jax_uncond.run import checkpoint as ckpt
+from run_parts import free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "engine_worker.py")
 STEPS = ["--max_train_steps", "6", "--checkpointing_steps", "2"]
@@ -78,12 +78,6 @@ def test_sigterm_saves_at_the_step_reached_and_exits_0(env, tmp_path):
     steps = ckpt.Checkpoints(ckpt.checkpoints_dir(out), 2, read_only=True).all_steps()
     assert steps == [2, 3]
     assert int(load(tmp_path / "state.npz")[".step"]) == 3
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ def test_two_processes_equal_one(pipeline_dir, folders, weights, tmp_path, capsy
     one = result_of(out)
     assert (one["num_samples"], one["steps"], one["scheduler"]) == (13, 2, "ddim")
 
-    from test_engine_processes import free_port
+    from run_parts import free_port
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))

@@ -240,7 +240,9 @@ def test_failed_upload_is_retried_then_names_the_way_out(tmp_path, fake_pipeline
     outputs.close({})
     assert attempts == ["Epoch 0"] * 3
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 3 and "retrying" in warnings[0] and "`hf upload me/run " in warnings[-1]
+    assert len(warnings) == 4 and "retrying" in warnings[0] and "`hf upload me/run " in warnings[2]
+    assert "not uploaded" in warnings[-1] and "'Epoch 0' (failed)" in warnings[-1]  # the end of the run names it
+    assert "--exclude 'checkpoints/*'" in warnings[-1]  # the command by hand leaves the checkpoints out too
     assert all(SECRET not in w for w in warnings)
     assert "failed_uploads=1" in capsys.readouterr().out
 

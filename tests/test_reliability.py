@@ -1,5 +1,5 @@
 """Faults a user meets, end to end with `train_flax.py` (docs/reliability.md): a broken newest checkpoint,
-a second run on the same output folder, a failed save, failed side writes.
+a second run on the same output folder, a failed save, failed side writes, a rollback to an older checkpoint.
 
 One uninterrupted reference run (tiny UNet, 8x8 built-in images, one CPU device, checkpoints at 10,
 20, 30) is copied and damaged for each case; every run shares its compilation cache, so only the
@@ -14,17 +14,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
+import run_parts
 from jax_uncond.run import checkpoint as ckpt
 from jax_uncond.run import checkpoint_files, faults, run_lock
+from run_parts import ROOT, TINY_UNET, assert_bitwise_equal, environment, tiny_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_UNET = ('{"_class_name": "UNet2DModel", "sample_size": 8, "layers_per_block": 1, "block_out_channels": [32, 64], '
-             '"down_block_types": ["DownBlock2D", "AttnDownBlock2D"], '
-             '"up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8}')
-STEPS = 30
 pytestmark = pytest.mark.slow  # every test here needs the reference run (one compile, about 30 s on an idle CPU)
 
 
@@ -32,19 +28,11 @@ pytestmark = pytest.mark.slow  # every test here needs the reference run (one co
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     (root / "unet.json").write_text(TINY_UNET)
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"))  # PYTHONPATH: conftest's, the package under test
-    env.pop(faults.FAULTS_ENV, None)
-    return root, env
+    return root, environment(root / "xla_cache")  # PYTHONPATH: conftest's, the package under test
 
 
 def flags(workspace, output_dir, *extra):
-    root, _ = workspace
-    return ["--output_dir", str(output_dir), "--model_config_name_or_path", str(root / "unet.json"),
-            "--resolution", "8", "--global_batch_size", "8", "--max_train_steps", str(STEPS),
-            "--checkpointing_steps", "10", "--use_ema", "--lr_warmup_steps", "2", "--learning_rate", "1e-3",
-            "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", *map(str, extra)]
+    return [*tiny_flags(output_dir, workspace[0] / "unet.json"), *map(str, extra)]
 
 
 def command(workspace, output_dir, *extra):
@@ -65,19 +53,7 @@ def warnings_in(text):
 
 def exported(output_dir, tmp_path):
     """The EMA weights of the run's newest restorable checkpoint, through `python -m jax_uncond.export`."""
-    from safetensors.numpy import load_file
-
-    from jax_uncond import export
-
-    target = tmp_path / f"export_{os.path.basename(output_dir)}"
-    assert export.main([str(output_dir), str(target)]) == 0
-    return load_file(str(target / "unet" / "diffusion_pytorch_model.safetensors"))
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    return run_parts.exported(output_dir, tmp_path / f"export_{os.path.basename(output_dir)}")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +143,35 @@ def test_unrestorable_checkpoints_are_one_line_and_exit_2(workspace, reference, 
     assert len(lines) == 1 and lines[0].startswith("train_flax.py: error: --resume_from_checkpoint"), err
     assert ("none of the 3 checkpoints" if case == "all_broken" else "checkpoint_30: ChecksumError") in lines[0]
     assert sorted(os.listdir(directory)) == before  # nothing moved or deleted: the user decides
+
+
+def test_an_older_checkpoint_than_the_newest_stops_at_start_up_naming_both_ways_on(workspace, reference, tmp_path,
+                                                                                   capsys, caplog):
+    """Resuming checkpoint 20 while 30 exists would fail at step 30, after training: refused before anything
+    compiles, one line naming the newer step, --rollback and a new --output_dir; nothing moved."""
+    output_dir = copy_run(reference, tmp_path)
+    directory = ckpt.checkpoints_dir(output_dir)
+    code, out, err, warned = main_in_process(workspace, output_dir, capsys, caplog, "--resume_from_checkpoint",
+                                             ckpt.step_path(directory, 20))
+    assert code == 2 and not warned, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert "newer checkpoints (30)" in line and "--rollback" in line and "new --output_dir" in line, line
+    assert "compiled" not in out and "start:" not in out
+    assert sorted(os.listdir(directory)) == ["checkpoint_10", "checkpoint_20", "checkpoint_30"]
+
+
+def test_rollback_moves_the_newer_checkpoints_aside_and_matches_the_uninterrupted_run(workspace, reference, tmp_path):
+    output_dir = copy_run(reference, tmp_path)
+    directory = ckpt.checkpoints_dir(output_dir)
+    done = train(workspace, output_dir, "--resume_from_checkpoint", ckpt.step_path(directory, 20), "--rollback")
+    assert done.returncode == 0, done.stderr
+    (superseded,) = [n for n in os.listdir(directory) if n.startswith(ckpt.SUPERSEDED_PREFIX + "20-")]
+    assert os.listdir(os.path.join(directory, superseded)) == ["checkpoint_30"]  # moved, never deleted
+    (said,) = [line for line in done.stdout.splitlines() if line.startswith("--rollback:")]
+    assert "checkpoints 30 moved to" in said and superseded in said, said
+    assert f"start: resuming from {ckpt.step_path(directory, 20)} at step 20" in done.stdout
+    assert ckpt.Checkpoints(directory, 1, read_only=True).all_steps() == [10, 20, 30]  # 30 saved again
+    assert_bitwise_equal(exported(output_dir, tmp_path), reference[1])
 
 
 def test_one_run_per_output_folder_and_takeover_after_sigkill(workspace, reference, tmp_path):

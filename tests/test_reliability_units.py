@@ -342,3 +342,109 @@ def test_a_newer_upload_supersedes_a_waiting_retry(monkeypatch):
     hub_uploads.submit("Epoch 1")
     hub_uploads.close()
     assert hub.calls == ["Epoch 0", "Epoch 1"] and hub_uploads.failed == []
+
+
+def test_uploads_still_queued_at_the_end_are_named_with_the_command_and_never_block_the_exit(monkeypatch, caplog):
+    import huggingface_hub
+
+    release = threading.Event()
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: release.wait())
+    hub_uploads = uploads.HubUploads("me/run", "/out", "token", ["checkpoints/*", ".*"])
+    hub_uploads.submit("Epoch 9")
+    hub_uploads.submit("End of training")
+    with caplog.at_level(logging.WARNING):
+        assert hub_uploads.close(timeout_s=0.2) == ["Epoch 9", "End of training"]
+        assert hub_uploads.close() == []  # once
+    (line,) = warnings_of(caplog)
+    assert "'Epoch 9' (not done after 0s)" in line and "'End of training'" in line, line
+    assert "`hf upload me/run /out --exclude 'checkpoints/*' --exclude '.*'`" in line, line
+    assert all(t.daemon for t in threading.enumerate() if t.name == "jax_uncond-upload")  # the exit does not wait
+    release.set()
+    hub_uploads.before_change()  # both done before the fake Hub goes away
+
+
+# --- processes agreeing (agreement.py) and watching each other (peers.py), simulated in this process
+
+
+class FakeStore:
+    """The key-value store of JAX's coordination service, as the processes of a run share it."""
+
+    def __init__(self):
+        self.values = {}
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        assert allow_overwrite or key not in self.values, key
+        self.values[key] = value
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        if key not in self.values:
+            raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+        return self.values[key]
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """`as_process(i)` makes this process act as process i of 2, with its own count of exchanges."""
+    import collections
+
+    from jax_uncond.run import agreement, distributed
+
+    store = FakeStore()
+    monkeypatch.setattr(distributed, "coordination_client", lambda: store)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    counters = {0: collections.Counter(), 1: collections.Counter()}
+
+    def as_process(i):
+        monkeypatch.setattr(jax, "process_index", lambda: i)
+        monkeypatch.setattr(agreement, "_uses", counters[i])
+
+    return as_process
+
+
+def test_a_start_up_error_on_one_process_stops_the_other_with_it(two_processes):
+    from jax_uncond.errors import UsageError
+    from jax_uncond.run import agreement
+
+    two_processes(1)  # fails first, without waiting for process 0's answer
+    with pytest.raises(UsageError, match="^no config.json$"), agreement.all_or_none("start-up"):
+        raise UsageError("no config.json")
+    two_processes(0)
+    with pytest.raises(UsageError, match=r"^process 1 of 2: no config.json$"), agreement.all_or_none("start-up"):
+        pass
+
+
+def test_process_0_decides_and_the_others_follow_its_answer_or_its_refusal(two_processes):
+    from jax_uncond.errors import UsageError
+    from jax_uncond.run import agreement
+
+    two_processes(0)
+    assert agreement.on_process_0("resume", lambda: ["/ckpt", 20]) == ["/ckpt", 20]
+    with pytest.raises(UsageError, match="newer"):
+        agreement.on_process_0("resume", lambda: (_ for _ in ()).throw(UsageError("newer checkpoints (30)")))
+    two_processes(1)
+    assert agreement.on_process_0("resume", lambda: pytest.fail("process 1 decided")) == ["/ckpt", 20]
+    with pytest.raises(UsageError, match=r"^process 0 of 2: newer checkpoints \(30\)$"):
+        agreement.on_process_0("resume", lambda: pytest.fail("process 1 decided"))
+
+
+
+def test_the_watchdog_finds_a_lost_process_and_follows_a_stopped_one():
+    from jax_uncond.run import peers
+
+    watch = peers.Watch(beat_s=2.0, lost_after_s=20.0)
+    watch.index, watch.count = 0, 4
+    watch._changed = {p: (None, 0.0, 0) for p in (1, 2, 3)}
+
+    def look(now, **states):
+        watch._update({int(p[1:]): s for p, s in states.items()}, now)
+        return watch._judge(now)
+
+    assert look(2.0, p1="beat 1", p2="beat 1", p3="beat 1") is None
+    assert look(12.0, p1="beat 2", p2="done 2", p3="beat 2") is None  # process 2 ended and waits for the rest
+    assert look(30.0, p1="beat 2", p2="done 3", p3="beat 3") is None
+    why, cause = look(33.0, p1="beat 2", p2="done 4", p3="beat 4")
+    assert why == cause == "process 1 of 4 is lost: no heartbeat for 21s (killed, crashed or its host is down)"
+    watch._changed[1] = ("beat 4", 33.0, 4)
+    assert look(34.0, p1="beat 5", p2="done 5", p3="stop saving checkpoint 30 failed") is None  # first look: wait
+    assert look(36.0, p1="beat 6", p2="done 6", p3="stop saving checkpoint 30 failed") == (
+        "process 3 of 4 stopped (saving checkpoint 30 failed)", "saving checkpoint 30 failed")

@@ -16,6 +16,11 @@ checkpoints before it are untouched, since `--checkpoints_total_limit` deletes o
 after a newer save has completed. The checkpoints the limit keeps are the newest by step, and after a
 fallback the newest of those are this run's completed saves and the checkpoint it restored: the
 last good checkpoint is never deleted in favour of a broken one.
+
+Resuming from an older checkpoint than the newest (`--resume_from_checkpoint PATH`, the usual answer to
+a loss spike) would fail hours later at the first step saved again; it is refused at start-up unless
+`--rollback` moves the newer checkpoints into `superseded-{step}-{time}/` (`resume_point`). Process 0
+takes that decision, and reads every file list, for all processes (`agreement.py`).
 """
 
 from __future__ import annotations
@@ -23,21 +28,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jax_uncond.console import say
 from jax_uncond.errors import RunError, UsageError
-from jax_uncond.run import checkpoint_files
+from jax_uncond.run import agreement, checkpoint_files
+from jax_uncond.training.config import TrainConfig
 from jax_uncond.run.faults import fail_if_injected
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 STEP_PREFIX = "checkpoint"
 BROKEN_SUFFIX = ".broken"
 """A checkpoint that could not be restored is renamed `checkpoint_{step}.broken` (Orbax ignores the name)."""
+SUPERSEDED_PREFIX = "superseded-"
+"""--rollback moves the checkpoints newer than the one resumed into `superseded-{step}-{time}/` (Orbax ignores it)."""
 MAX_CAUSE_CHARS = 300
 
 logger = logging.getLogger(__name__)
@@ -89,13 +98,6 @@ def _storage_error(error: BaseException, kinds: tuple[type[BaseException], ...])
     return type(error) is Exception and isinstance(error.__cause__, kinds)
 
 
-def _all_processes(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective in multi-process runs)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
-
-
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(os.path.abspath(output_dir), CHECKPOINTS_SUBDIR)
 
@@ -127,6 +129,7 @@ class Checkpoints:
             enable_async_checkpointing=True,
             create=not read_only,
             read_only=read_only,
+            save_root_metadata=not read_only,  # its write is followed by a barrier: a reader must not wait for all
             save_interval_steps=0 if read_only else 1,
             async_options=None if read_only else ocp.options.AsyncOptions(
                 post_finalization_callback=self._list_files),
@@ -176,21 +179,24 @@ class Checkpoints:
             config=ocp.args.JsonRestore(),
         )
         error = None
-        if jax.process_index() == 0:  # one process reads every file once; the others learn the answer
-            try:
+        try:
+            fail_if_injected("read", step)
+            if jax.process_index() == 0:  # one process reads every file once; the others learn the answer
                 checkpoint_files.verify(self.path(step))
-            except (checkpoint_files.ChecksumError, OSError) as e:
-                error = e
-        if _all_processes(error is None):
+        except (checkpoint_files.ChecksumError, OSError) as e:
+            error = e
+        failed = agreement.failures("verify", None if error is None else first_line(error))
+        if not failed:
             try:
                 restored = self.manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - only what _storage_error recognises; the rest re-raised
                 if not _storage_error(e, READ_ERRORS):
                     raise
                 error = e
-        if not _all_processes(error is None):
-            cause = first_line(error) if error is not None else "it failed on another process"
-            raise CheckpointError(f"could not restore {self.path(step)}: {cause}") from error
+            failed = agreement.failures("restore", None if error is None else first_line(error))
+        if failed:
+            causes = "; ".join(c if jax.process_count() == 1 else f"on process {p}: {c}" for p, c in failed.items())
+            raise CheckpointError(f"could not restore {self.path(step)}: {causes}") from error
         return restored["state"], restored["loader"], restored["config"]
 
     def saved_config(self, step: int) -> dict[str, Any]:
@@ -213,8 +219,8 @@ class Checkpoints:
             if isinstance(e, ocp.checkpoint_manager.StepAlreadyExistsError):
                 raise CheckpointSaveError(
                     f"checkpoint {self._saving} already exists in {self.directory}: this run resumed from an older "
-                    "checkpoint than the newest; move the newer ones away, or resume with --resume_from_checkpoint "
-                    "latest") from e
+                    "checkpoint than the newest; rerun with --rollback to move the newer ones aside, or resume with "
+                    "--resume_from_checkpoint latest") from e
             raise CheckpointSaveError(
                 f"saving checkpoint {self._saving} to {self.directory} failed ({first_line(e)}); the earlier "
                 "checkpoints are intact: free space or fix permissions, then rerun with "
@@ -264,6 +270,53 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> tuple
             return directory, step
     raise CheckpointNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a checkpoint folder "
                           f"(expected `latest` or a path like {checkpoints_dir(output_dir)}/{STEP_PREFIX}_500)")
+
+
+def resume_point(config: TrainConfig) -> tuple[str, int] | None:
+    """Which checkpoint the run resumes from (`resolve_resume`), decided on process 0 for every process.
+
+    A checkpoint named by its path, while the run's own folder holds newer ones the run would save over, is
+    refused at start-up (one line, exit code 2) unless --rollback moves those aside first (`supersede`).
+    """
+    def decide() -> list[Any] | None:
+        resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        if resume is not None and config.resume_from_checkpoint != "latest":
+            _roll_back(config, resume[1])
+        return None if resume is None else list(resume)
+
+    resume = agreement.on_process_0("resume", decide)
+    return None if resume is None else (resume[0], int(resume[1]))
+
+
+def _roll_back(config: TrainConfig, step: int) -> None:
+    """Refuses, or with --rollback moves aside (one line), the checkpoints of the run's folder newer than `step`."""
+    directory = checkpoints_dir(config.output_dir)
+    newer = [s for s in Checkpoints(directory, 1, read_only=True).all_steps() if s > step] \
+        if os.path.isdir(directory) else []
+    if not newer:
+        return
+    steps = ", ".join(map(str, newer))
+    if not config.rollback:
+        raise UsageError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: {directory} holds newer "
+                         f"checkpoints ({steps}), which this run would save over; add --rollback to move them to "
+                         f"{directory}/{SUPERSEDED_PREFIX}{step}-<time>/ and continue from step {step}, or pass a new "
+                         "--output_dir")
+    target = supersede(directory, step, newer)
+    say(f"--rollback: checkpoints {steps} moved to {target} (kept, never deleted); continuing from step {step}")
+
+
+def supersede(directory: str, step: int, newer: list[int]) -> str:
+    """Moves the checkpoints `newer` of `directory` into a new `superseded-{step}-{time}` folder there: kept,
+    never deleted, out of Orbax's sight, so a run resumed from `step` saves those steps again. Returns it."""
+    target = os.path.join(directory, f"{SUPERSEDED_PREFIX}{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    suffix = 1
+    while os.path.exists(target if suffix == 1 else f"{target}.{suffix}"):
+        suffix += 1
+    target = target if suffix == 1 else f"{target}.{suffix}"
+    os.makedirs(target)
+    for s in newer:
+        os.rename(step_path(directory, s), step_path(target, s))
+    return target
 
 
 def first_restorable(checkpoints: Checkpoints, newest: int, fallback: bool, attempt: Callable[[int], T],

@@ -4,11 +4,13 @@ A sample grid, the pipeline folder or a log event that cannot be written costs o
 run goes on (`Survivor`); a checkpoint that cannot be saved stops the run (checkpoint.py). Tests
 inject failures through one environment variable, read here only:
 
-    JAX_UNCOND_FAULTS=save:30,grid,pipeline,log,upload
+    JAX_UNCOND_FAULTS=save:30,read:20,grid,pipeline,log,upload
 
 `save:N` fails the save of checkpoint N as a full disk would (inside Orbax's commit, so the folder is
-never completed); `grid`, `pipeline`, `log` and `upload` fail every sample grid, pipeline folder,
-tracker event and Hub upload attempt with an OSError; `prepare_kill:N` makes jax-uncond-prepare kill
+never completed); `read:N` makes the files of checkpoint N unreadable to this process (an I/O error, as
+from a failing disk or a network file system that one host sees differently: set it on one process);
+`grid`, `pipeline`, `log` and `upload` fail every sample grid, pipeline folder, tracker event and Hub
+upload attempt with an OSError; `prepare_kill:N` makes jax-uncond-prepare kill
 itself (SIGKILL, as a preempted machine) once N records are written.
 """
 
@@ -40,9 +42,10 @@ def injected_at(kind: str) -> int | None:
 
 
 def fail_if_injected(kind: str, step: int | None = None) -> None:
-    """Raises the OSError a full disk would, when JAX_UNCOND_FAULTS asks for it."""
+    """Raises the OSError a full disk (an unreadable file, for `read`) would, when JAX_UNCOND_FAULTS asks for it."""
     if injected(kind, step):
-        raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULTS_ENV})")
+        code = errno.EIO if kind == "read" else errno.ENOSPC
+        raise OSError(code, f"{os.strerror(code)} (injected by {FAULTS_ENV})")
 
 
 class Survivor:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from jax_uncond.console import say
 from jax_uncond.errors import RunError, UsageError
 from jax_uncond.run import checkpoint as ckpt
-from jax_uncond.run import distributed, metrics, pretrained, run_lock
+from jax_uncond.run import agreement, distributed, metrics, peers, pretrained, run_lock
 from jax_uncond.run.profiling import StepProfiler
 from jax_uncond.training import sharding
 from jax_uncond.training.config import TrainConfig, to_dict
@@ -130,36 +130,45 @@ def global_batch_size(config: Any, mesh: Mesh) -> int:
     return size
 
 
-def run(config: Any) -> None:
-    """Train as `config` says: the whole run of `train_flax.py`, holding the output folder's lock."""
+def run(config: TrainConfig) -> None:
+    """Train as `config` says: the whole run of `train_flax.py`, holding the output folder's lock; with several
+    processes, under the watchdog that stops them all when one is lost or fails (`peers.py`)."""
     joined = distributed.initialize(config)
-    with run_lock.hold(config.output_dir):
-        _run(config, joined)
+    with peers.watching() as watch, run_lock.hold(config.output_dir) as lock:
+        if lock is not None:
+            watch.at_stop(lock.release)
+        _run(config, joined, watch)
 
 
-def _run(config: Any, joined: str) -> None:
+def _run(config: TrainConfig, joined: str, watch: peers.Watch) -> None:
     cache_dir = metrics.enable_compilation_cache()
     from jax_uncond.data.loader import make_train_loader
     from jax_uncond.run.outputs import RunOutputs
 
+    agreement.same_flags(config)
     mesh = sharding.make_mesh()
-    resume = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
-    config, source = pretrained.prepare(config, resume, say)
-    model = build_model(config, mesh)
-    start = None if source is None else pretrained.load(source, model, config)
-    # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
-    config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
-    check_resolution(config, model)
-    scheduler = build_scheduler(config)
-    batch = global_batch_size(config, mesh)
-    outputs = RunOutputs(config, model, scheduler, mesh)
-    loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
+    resume = ckpt.resume_point(config)  # process 0 decides (and rolls back) before anything compiles
+    with agreement.all_or_none("start-up"):  # a flag, file or token only one process finds bad stops them all
+        config, source = pretrained.prepare(config, resume, say)
+        model = build_model(config, mesh)
+        start = None if source is None else pretrained.load(source, model, config)
+        # Checkpoints record the resolved UNet config, so `jax_uncond.export` needs no other file.
+        config = dataclasses.replace(config, unet=model.config, model_config_name_or_path=None)
+        check_resolution(config, model)
+        scheduler = build_scheduler(config)
+        batch = global_batch_size(config, mesh)
+        outputs = RunOutputs(config, model, scheduler, mesh)
+        loader = make_train_loader(config, mesh, batch_size=batch * config.gradient_accumulation_steps)
+    watch.at_stop(outputs.end_uploads)
     say(f"{joined}; {jax.device_count()} devices ({jax.devices()[0].device_kind}); compilation cache {cache_dir}")
     try:
         from jax_uncond.evaluation.fid import FidEvaluator
 
         fid = FidEvaluator(config, model, scheduler, mesh, batch, loader.source) if config.fid_epochs else None
         train(config, model, scheduler, mesh, loader, outputs, batch, resume, start, fid)
+    except BaseException:
+        outputs.end_uploads()  # however the run ends, queued uploads are waited for or named
+        raise
     finally:
         loader.close()
 

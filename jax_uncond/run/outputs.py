@@ -258,16 +258,20 @@ class RunOutputs:
                          hardware=hardware(), name_or_path=self._repo_id, metrics=self.card_metrics)
         tqdm.write(f"pipeline saved in {self.config.output_dir}")
 
+    def end_uploads(self) -> list[str]:
+        """However the run ends: waits up to `uploads.FINAL_WAIT_S` for the Hub uploads still queued (retries
+        included) and names in one line those not done; returns them. Only the first call waits."""
+        return [] if self._uploads is None else self._uploads.close()
+
     def close(self, summary: Mapping[str, Any]) -> None:
-        """Waits for uploads (retries included), closes the tracker and prints the run's summary as one line,
-        with the count of each kind of write that failed."""
+        """Waits for uploads (`end_uploads`), closes the tracker and prints the run's summary as one line, with
+        the count of each kind of write that failed."""
         if not self.writes:
             return
-        if self._uploads is not None:
-            self._uploads.close()
+        not_uploaded = self.end_uploads()
         self._faults.attempt("log", "the tracker's last events", self._tracker.close)
         summary = {**summary, **{f"failed_{kind}_writes": n for kind, n in self._faults.failures.items()}}
-        if self._uploads is not None and self._uploads.failed:
-            summary["failed_uploads"] = len(self._uploads.failed)
+        if not_uploaded:
+            summary["failed_uploads"] = len(not_uploaded)
         fields = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         tqdm.write(f"done: {fields} output_dir={self.config.output_dir}")

@@ -146,6 +146,9 @@ def _flags() -> list[Flag]:
         F("checkpoints_total_limit", None, "Keep at most this many checkpoints.", int, group="checkpointing"),
         F("resume_from_checkpoint", None, "`latest`, or the path of a checkpoint saved by --checkpointing_steps.",
           str, group="checkpointing"),
+        F("rollback", False, "With --resume_from_checkpoint PATH of an older checkpoint than the run's newest: move "
+          "the newer ones into checkpoints/superseded-STEP-TIME/ (kept, never deleted) and continue from PATH. "
+          "Without it such a run stops at start-up.", store_true=True, group="checkpointing", pytorch=False),
         # --- logging and the Hub
         F("logger", "tensorboard", "Experiment tracker.", str, ("tensorboard", "wandb"), group="logging"),
         F("logging_dir", "logs", "Tracker folder, relative to --output_dir.", str, group="logging"),
@@ -364,6 +367,8 @@ def validate(config: Any) -> Any:
         raise ValueError("the preset's `unet` mapping and --model_config_name_or_path both set the model; give one")
     if config.unet is not None and not isinstance(config.unet, Mapping):
         raise ValueError("the preset's `unet` must be a mapping of UNet2DModel config keys")
+    if config.rollback and config.resume_from_checkpoint in (None, "latest"):
+        raise ValueError("--rollback goes with --resume_from_checkpoint PATH, an older checkpoint than the newest")
     if config.pretrained_model_name_or_path is None:
         needing = [f"--{k}" for k in ("revision", "variant", "resume_step_from_pretrained") if getattr(config, k)]
         if needing:
