@@ -4,7 +4,8 @@
 - The compiled step moves no activations: on 8 devices the blocked CPU attention keeps the batch split (no
   all-gather at all when the state is replicated; only weights and gradients otherwise).
 - `optimizer` and `full` train as `replicated` does (20 steps, params and EMA within 1e-5), and checkpoints
-  restore across modes and device counts: saved `full` on 8 devices, resumed `replicated` on 1, and back.
+  restore across modes and device counts: saved `full` on 8 devices, resumed `replicated` on 1, and back;
+  the export of a `full` checkpoint is the trained EMA, and diffusers' DiffusionPipeline loads it.
 """
 
 from __future__ import annotations
@@ -176,3 +177,9 @@ def test_export_of_a_split_checkpoint_is_the_trained_ema(trained, tmp_path):
     assert exported.keys() == {k.removeprefix(".ema_params") for k in state if k.startswith(".ema_params")}
     for key, value in exported.items():
         np.testing.assert_array_equal(value, state[".ema_params" + key], err_msg=key)
+
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "exported")  # the PyTorch side loads it as any export
+    assert isinstance(pipeline, DDPMPipeline)
+    np.testing.assert_array_equal(pipeline.unet.conv_in.bias.detach().numpy(), exported["['conv_in']['bias']"])
