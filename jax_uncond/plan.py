@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 from jax.experimental import topologies
+from jax.sharding import Mesh
 
 from jax_uncond import __version__, xla_flags
 from jax_uncond.console import setup_logging
@@ -183,10 +184,23 @@ def _timed_compile(lower: Callable[[], Any]) -> tuple[Any, Any, float, str | Non
     return lowered, compiled, time.perf_counter() - started, refusal
 
 
+def _replicated_shapes(tree: Any, mesh: Mesh) -> Any:
+    """`tree`'s shapes and dtypes as `ShapeDtypeStruct`s whole on every device of `mesh`."""
+    whole = sharding.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), tree)
+
+
+def _fid_batch_size(config: TrainConfig, mesh: Mesh) -> int:
+    """Images per call of the FID programs: `--fid_batch_size`, default the global training batch."""
+    batch_size = config.fid_batch_size or global_batch_size(config, mesh)
+    if batch_size % mesh.size:
+        raise UsageError(f"--fid_batch_size {batch_size} is not divisible by the {mesh.size} devices; "
+                         f"use a multiple of {mesh.size}")
+    return batch_size
+
+
 def compile_train(config: TrainConfig, where: Slice) -> Compiled:
     """The train step `train_flax.py` would run with `config` on the slice, compiled."""
-
-
     mesh = where.mesh
     model = build_model(config, mesh)
     check_resolution(config, model)
@@ -209,8 +223,6 @@ def compile_train(config: TrainConfig, where: Slice) -> Compiled:
 def compile_sample(config: TrainConfig, where: Slice) -> Compiled:
     """The FID sampling program (`--fid_scheduler`, `--fid_inference_steps`, `--fid_batch_size` images per
     call over the slice, default the global training batch), compiled."""
-
-
     mesh = where.mesh
     model = build_model(config, mesh)
     check_resolution(config, model)
@@ -220,16 +232,11 @@ def compile_sample(config: TrainConfig, where: Slice) -> Compiled:
         sampler_scheduler = checked_sampler(config.fid_scheduler, scheduler, steps)
     except ValueError as e:
         raise UsageError(f"--fid_scheduler {config.fid_scheduler} with {steps} steps: {e}") from e
-    batch_size = config.fid_batch_size or global_batch_size(config, mesh)
-    if batch_size % mesh.size:
-        raise UsageError(f"--fid_batch_size {batch_size} is not divisible by the {mesh.size} devices; "
-                         f"use a multiple of {mesh.size}")
+    batch_size = _fid_batch_size(config, mesh)
     sampler, state = FlaxDDPMPipeline(model, scheduler).mesh_sampler(batch_size, steps, sampler_scheduler, mesh)
-    whole = sharding.replicated(mesh)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole),
-                          jax.eval_shape(model.init_weights, jax.random.key(0)))
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
+    params = _replicated_shapes(jax.eval_shape(model.init_weights, jax.random.key(0)), mesh)
+    state = _replicated_shapes(state, mesh)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     lowered, compiled, seconds, refusal = _timed_compile(lambda: sampler.lower(params, state, rng))
     flops = metrics.lowered_flops(lowered)
     # XLA counts the scan's body once: one UNet call and solver update per step, so scale by the steps.
@@ -242,12 +249,9 @@ def compile_sample(config: TrainConfig, where: Slice) -> Compiled:
 def compile_fid(config: TrainConfig, where: Slice) -> Compiled:
     """The Inception network of FID (`--fid_dims` features) on `--fid_batch_size` images per call, compiled."""
     mesh = where.mesh
-    batch_size = config.fid_batch_size or global_batch_size(config, mesh)
-    if batch_size % mesh.size:
-        raise UsageError(f"--fid_batch_size {batch_size} is not divisible by the {mesh.size} devices")
+    batch_size = _fid_batch_size(config, mesh)
     _, network = features.programs(mesh, config.fid_dims)
-    whole = sharding.replicated(mesh)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), param_shapes())
+    params = _replicated_shapes(param_shapes(), mesh)
     images = jax.ShapeDtypeStruct((batch_size, INPUT_SIZE, INPUT_SIZE, 3), jax.numpy.float32,
                                   sharding=sharding.batch_sharding(mesh))
     lowered, compiled, seconds, refusal = _timed_compile(lambda: network.lower(params, images))
@@ -255,7 +259,7 @@ def compile_fid(config: TrainConfig, where: Slice) -> Compiled:
     return Compiled(lowered, compiled, seconds, None if flops is None else flops / mesh.size,
                     {"params": _per_device_bytes(params)}, state_sizes(params, mesh.size),
                     {"per_device": batch_size // mesh.size, "global": batch_size, "images_per_call": batch_size},
-                    {"dims": config.fid_dims})
+                    {"dims": config.fid_dims}, refusal)
 
 
 COMPILERS = {"train": compile_train, "sample": compile_sample, "fid": compile_fid}

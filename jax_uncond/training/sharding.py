@@ -75,8 +75,8 @@ def state_shardings(mesh: Mesh, state_shapes: Any, shard_state: str = "replicate
     if shard_state == "replicated":
         return everything
     return everything.replace(params=leaves(state_shapes.params, shard_state == "full"),
-                              opt_state=leaves(state_shapes.opt_state, shard_state != "replicated"),
-                              ema_params=leaves(state_shapes.ema_params, shard_state != "replicated"))
+                              opt_state=leaves(state_shapes.opt_state, True),
+                              ema_params=leaves(state_shapes.ema_params, True))
 
 
 def abstract_state(state_shapes: Any, mesh: Mesh, shard_state: str = "replicated") -> Any:
